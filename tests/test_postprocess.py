@@ -1,0 +1,130 @@
+"""postprocess: connected-component clean-up on small arrays where the answer is obvious, and on
+real CHAOS labels with added false positives."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from FewShotSegmentLib.errors import InputError
+from FewShotSegmentLib.postprocess import clean_label, clean_label_map, default_keep
+
+
+def _blobs():
+    """Three separate cubes: big (27 voxels), medium (8), small (1)."""
+    mask = np.zeros((10, 10, 10), bool)
+    mask[0:3, 0:3, 0:3] = True
+    mask[6:8, 6:8, 6:8] = True
+    mask[9, 0, 9] = True
+    return mask
+
+
+def test_keep_largest_without_seed():
+    mask = _blobs()
+    kept = clean_label(mask, None, keep=1, min_voxels=1)
+    assert kept.sum() == 27 and kept[1, 1, 1]
+    kept = clean_label(mask, None, keep=2, min_voxels=1)
+    assert kept.sum() == 27 + 8
+    assert clean_label(mask, None, keep=5, min_voxels=1).sum() == 36
+
+
+def test_seeded_component_wins_over_a_larger_one():
+    mask = _blobs()
+    seed = np.zeros_like(mask)
+    seed[7, 7, 7] = True  # the user painted the medium cube
+    kept = clean_label(mask, seed, keep=1, min_voxels=1)
+    assert kept.sum() == 8 and kept[6, 6, 6] and not kept[0, 0, 0]
+    # keep=2: the seeded one plus the largest other
+    assert clean_label(mask, seed, keep=2, min_voxels=1).sum() == 8 + 27
+    # a seeded component is kept even when below min_voxels
+    seed[:] = False
+    seed[9, 0, 9] = True
+    kept = clean_label(mask, seed, keep=1, min_voxels=20)
+    assert kept.sum() == 1 and kept[9, 0, 9]
+
+
+def test_min_voxels_drops_small_unseeded_components():
+    mask = _blobs()
+    assert clean_label(mask, None, keep=3, min_voxels=8).sum() == 27 + 8
+    assert clean_label(mask, None, keep=3, min_voxels=28).sum() == 0
+
+
+def test_corner_contact_joins_components_26_connectivity():
+    mask = np.zeros((4, 4, 4), bool)
+    mask[0, 0, 0] = mask[1, 1, 1] = mask[2, 2, 2] = True  # a diagonal chain across slices
+    mask[3, 0, 3] = True
+    kept = clean_label(mask, None, keep=1, min_voxels=1)
+    assert kept.sum() == 3 and not kept[3, 0, 3]
+
+
+def test_bad_arguments():
+    with pytest.raises(InputError, match="3D"):
+        clean_label(np.ones((4, 4), bool))
+    with pytest.raises(InputError, match="keep"):
+        clean_label(_blobs(), keep=0)
+    with pytest.raises(InputError, match="seed shape"):
+        clean_label(_blobs(), np.ones((2, 2, 2), bool))
+
+
+@pytest.fixture(scope="module")
+def chaos_labels(shared_data):
+    return sitk.ReadImage(str(shared_data / "chaos_mri" / "label_2.nii.gz"), sitk.sitkUInt8)
+
+
+def _with_false_positives(values, rng):
+    """Per label: 30 single-voxel speckles and one 48-voxel blob, all well away from every organ
+    (so they can't touch one) and from each other."""
+    noisy = values.copy()
+    near_organ = ndimage.binary_dilation(values > 0, iterations=3)
+    far = np.argwhere(~near_organ[:, :200, :])  # rows >= 200 are kept free for the blobs
+    assert not values[:, 200:, :].any()
+    for label in (1, 2, 3, 4):
+        for z, y, x in far[rng.choice(len(far), 30, replace=False)]:
+            noisy[z, y, x] = label
+        noisy[5:8, 230:234, 40 * label:40 * label + 4] = label
+    return noisy
+
+
+def test_clean_label_map_removes_false_positives_on_real_labels(chaos_labels):
+    values = sitk.GetArrayFromImage(chaos_labels)
+    noisy = _with_false_positives(values, np.random.default_rng(1))
+    assert (noisy != values).sum() > 100
+
+    kidneys = np.isin(noisy, (2, 3))
+    # both kidneys as one "kidneys" label: 2 components to keep, both of them the true kidneys
+    kept = clean_label(kidneys, None, keep=2, min_voxels=20)
+    np.testing.assert_array_equal(kept, np.isin(values, (2, 3)))
+
+    cleaned = clean_label_map(sitk.GetImageFromArray(noisy), None, keep=1)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(cleaned), values)
+
+
+def test_clean_label_map_with_template_seeds_keeps_geometry(chaos_labels):
+    values = sitk.GetArrayFromImage(chaos_labels)
+    liver = values == 1
+    z_mid = int(np.argwhere(liver)[:, 0].mean())
+    # prediction: the liver from slice z_mid on, and a larger false block in slices 0-4
+    prediction = np.where(values == 1, 1, 0).astype(np.uint8)
+    prediction[:z_mid] = 0
+    prediction[0:5, 20:236, 20:236] = 1
+    assert (prediction[0:5] == 1).sum() > (prediction[z_mid:] == 1).sum()
+    template = np.zeros_like(prediction)
+    template[z_mid] = values[z_mid] == 1  # the user painted the liver on one slice
+
+    image = sitk.GetImageFromArray(prediction)
+    image.CopyInformation(chaos_labels)
+    with_seed = clean_label_map(image, sitk.GetImageFromArray(template), keep={1: 1}, min_voxels=20)
+    assert with_seed.GetOrigin() == chaos_labels.GetOrigin()
+    assert with_seed.GetSpacing() == chaos_labels.GetSpacing()
+    kept = sitk.GetArrayFromImage(with_seed)
+    np.testing.assert_array_equal(kept == 1, (values == 1) & (np.arange(len(values))[:, None, None] >= z_mid))
+    # without the painted seed, the larger false block would have won
+    without_seed = clean_label_map(prediction, None, keep=1, min_voxels=20)
+    assert without_seed[0:5, 20:236, 20:236].all() and not without_seed[z_mid:].any()
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("kidney", 2), ("Kidneys", 2), ("lungs", 2), ("adrenal gland", 2), ("femur", 2),
+    ("kidney_left", 1), ("right kidney", 1), ("lung_upper_lobe_left", 1), ("Femur R", 1),
+    ("liver", 1), ("spleen", 1), ("aorta", 1)])
+def test_default_keep(name, expected):
+    assert default_keep(name) == expected
