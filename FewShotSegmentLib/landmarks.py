@@ -1,0 +1,102 @@
+"""One representative point per segmented region (3D landmarks, per-slice 2D points), and the
+localization score that asks whether a prediction found the organ in the right place.
+
+Arrays are (z, y, x); SimpleITK indices are (x, y, z).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .errors import InputError
+
+CONNECTIVITY_3D = np.ones((3, 3, 3), bool)
+CONNECTIVITY_2D = np.ones((3, 3), bool)
+
+
+def region_point(mask3d, spacing_zyx=None) -> tuple[float, float, float]:
+    """(z, y, x) point that represents a region: the centroid of the largest connected component,
+    moved to the nearest voxel of that component when the centroid falls outside it (a C-shaped
+    or hollow organ). spacing_zyx, if given, makes "nearest" physical rather than in voxels."""
+    mask = np.asarray(mask3d, bool)
+    if mask.ndim != 3:
+        raise InputError(f"region_point needs a 3D (z, y, x) mask, got shape {mask.shape}")
+    return _representative_point(mask, CONNECTIVITY_3D, spacing_zyx)
+
+
+def slice_points(mask3d, axis: int = 0) -> dict[int, tuple[float, float]]:
+    """{slice index: (row, col)} representative 2D point of every slice along axis that has any
+    voxel; rows and columns are those of np.take(mask3d, index, axis)."""
+    mask = np.asarray(mask3d, bool)
+    if mask.ndim != 3:
+        raise InputError(f"slice_points needs a 3D (z, y, x) mask, got shape {mask.shape}")
+    other_axes = tuple(a for a in range(3) if a != axis % 3)
+    occupied = np.flatnonzero(mask.any(axis=other_axes))
+    return {int(i): _representative_point(np.take(mask, i, axis=axis), CONNECTIVITY_2D, None)
+            for i in occupied}
+
+
+def landmarks_from_label_map(label_map: sitk.Image, labels: dict[int, dict]) -> list[dict]:
+    """One landmark per label of `labels` ({value: {"name": ...}}) present in label_map:
+    {"label_value", "label" (name), "index" (x, y, z continuous ITK index), "position" (LPS mm)}.
+    Labels of `labels` absent from the map get no landmark."""
+    values = sitk.GetArrayViewFromImage(label_map)
+    spacing_zyx = label_map.GetSpacing()[::-1]
+    present = set(np.unique(values).tolist())
+    landmarks = []
+    for value in sorted(int(v) for v in labels):
+        if value == 0 or value not in present:
+            continue
+        z, y, x = region_point(values == value, spacing_zyx)
+        index = (x, y, z)
+        landmarks.append({
+            "label_value": value,
+            "label": str(labels[value].get("name", f"label {value}")),
+            "index": index,
+            "position": tuple(label_map.TransformContinuousIndexToPhysicalPoint(index)),
+        })
+    return landmarks
+
+
+def localization_scores(pred_mask, ref_mask, spacing_zyx, axis: int = 0, tolerance_px: float = 10) -> dict:
+    """Did the prediction find the organ where it is?
+
+    slice_accuracy: fraction of the reference's slices (along axis) whose predicted 2D point lies
+    within tolerance_px pixels of the reference 2D point; a slice with no prediction is a miss.
+    distance_mm: distance between the 3D region points of prediction and reference (nan if
+    either is empty). n_slices: number of reference slices scored.
+    """
+    pred, ref = np.asarray(pred_mask, bool), np.asarray(ref_mask, bool)
+    if pred.shape != ref.shape:
+        raise InputError(f"prediction shape {pred.shape} != reference shape {ref.shape}")
+    ref_points = slice_points(ref, axis)
+    pred_points = slice_points(pred, axis)
+    hits = sum(1 for index, point in ref_points.items()
+               if index in pred_points and math.dist(point, pred_points[index]) <= tolerance_px)
+    spacing = np.asarray(spacing_zyx, float)
+    if pred.any() and ref.any():
+        gap = (np.array(region_point(pred, spacing)) - np.array(region_point(ref, spacing))) * spacing
+        distance = float(np.linalg.norm(gap))
+    else:
+        distance = math.nan
+    return {"slice_accuracy": hits / len(ref_points) if ref_points else math.nan,
+            "distance_mm": distance, "n_slices": len(ref_points)}
+
+
+def _representative_point(mask: np.ndarray, structure: np.ndarray, spacing) -> tuple[float, ...]:
+    components, count = ndimage.label(mask, structure=structure)
+    if count == 0:
+        raise InputError("cannot place a point in an empty mask")
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    largest = int(np.argmax(sizes))
+    coordinates = np.argwhere(components == largest).astype(float)
+    centroid = coordinates.mean(axis=0)
+    if components[tuple(np.round(centroid).astype(int))] == largest:
+        return tuple(float(c) for c in centroid)
+    scale = np.ones(mask.ndim) if spacing is None else np.asarray(spacing, float)
+    nearest = coordinates[np.argmin((((coordinates - centroid) * scale) ** 2).sum(axis=1))]
+    return tuple(float(c) for c in nearest)
