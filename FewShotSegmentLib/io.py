@@ -192,8 +192,9 @@ def _is_grid_aligned(image: sitk.Image, reference: sitk.Image, tol: float = 1e-3
 def _first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     # ITK puts the useful sentence after the "Exception thrown in ..." location lines
-    useful = [line for line in lines if not line.startswith(("Exception thrown", "/", "sitk::ERROR"))]
-    return (useful or lines or ["unknown error"])[-1]
+    useful = [line.removeprefix("sitk::ERROR:").strip() for line in lines
+              if not line.startswith(("Exception thrown", "/"))]
+    return (useful or ["unknown error"])[-1]
 
 
 def _rounded(values) -> tuple:
