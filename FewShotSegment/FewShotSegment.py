@@ -730,7 +730,7 @@ class FewShotSegmentLogic(ScriptedLoadableModuleLogic):
         labels = list(job.labels or [])
         if not labels and outputPath("segmentation") is not None:
             labels = self._labelsFromSegFile(outputPath("segmentation"))
-        with _SceneGuard(slicer.mrmlScene) as guard:  # all or nothing
+        with _SceneGuard(slicer.mrmlScene, keepOnSuccess=True) as guard:  # all or nothing
             if job.task in ("run", "predict"):
                 labelmapPath = outputPath("labels")
                 if labelmapPath is None or not labelmapPath.is_file():
@@ -940,6 +940,7 @@ class FewShotSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._observedTemplate = None
+        self._templateNodeID = None
         self._updatingLabels = False
 
     def setup(self):
@@ -963,8 +964,8 @@ class FewShotSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyBatchButton.connect("clicked(bool)", self.onApplyBatch)
         self.ui.saveAdapterButton.connect("clicked(bool)", self.onSaveAdapter)
         self.ui.dependenciesButton.connect("clicked(bool)", self.onDependencies)
+        self.ui.editTemplateButton.connect("clicked(bool)", self.onEditTemplate)
         self.ui.labelsListWidget.connect("itemChanged(QListWidgetItem*)", self.onLabelItemChanged)
-        self.ui.templateSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onTemplateChanged)
         self.ui.adapterFilePathLineEdit.nameFilters = ["Adapter (*.pt)", "All files (*)"]
         self.ui.checkpointPathLineEdit.nameFilters = ["Weights (*.pt *.pth *.safetensors *.bin)", "All files (*)"]
         self.ui.samCheckpointPathLineEdit.nameFilters = ["SAM checkpoint (*.pth *.pt)", "All files (*)"]
@@ -986,7 +987,7 @@ class FewShotSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
         if self.logic.busy:
@@ -1012,18 +1013,25 @@ class FewShotSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self.onTemplateChanged()
+        self._updateButtons()
+
+    def _onParameterNodeModified(self, *args):
+        node = self._parameterNode.templateSegmentation if self._parameterNode else None
+        if (node.GetID() if node is not None else None) != self._templateNodeID:
+            self.onTemplateChanged()
         self._updateButtons()
 
     # ---- labels list (checkable template segments)
 
     def onTemplateChanged(self, *args):
         node = self._parameterNode.templateSegmentation if self._parameterNode else None
+        self._templateNodeID = node.GetID() if node is not None else None
         if self._observedTemplate is not None:
             for event in (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
                           slicer.vtkSegmentation.SegmentModified):
@@ -1158,6 +1166,22 @@ class FewShotSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if target:
             with slicer.util.tryWithErrorDisplay(_("Could not save the adapter."), waitCursor=True):
                 self._parameterNode.adapterFile = Path(self.logic.saveAdapter(source, target))
+
+    def onEditTemplate(self):
+        """Open the Segment Editor on the template (created when there is none) and the input volume."""
+        pn = self._parameterNode
+        if pn.templateSegmentation is None:
+            template = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "FewShot template")
+            template.CreateDefaultDisplayNodes()
+            pn.templateSegmentation = template
+        if pn.inputVolume is not None:
+            pn.templateSegmentation.SetReferenceImageGeometryParameterFromVolumeNode(pn.inputVolume)
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(pn.templateSegmentation)
+        if pn.inputVolume is not None:
+            setSource = getattr(editor, "setSourceVolumeNode", None) or editor.setMasterVolumeNode
+            setSource(pn.inputVolume)
 
     def onDependencies(self):
         missing = missingDependencies()

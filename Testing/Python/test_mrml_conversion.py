@@ -105,3 +105,43 @@ def test_unusable_template_is_refused_before_any_work(fss, ctScene, logic, tmp_p
     assert logic.job is None
     assert nodeIds(ctScene.scene) == before
     assert not any(logic.temporaryRoot.iterdir()), "temporary job folder left behind"
+
+
+def test_ui_file_matches_widget_and_parameter_node(fss):
+    """Every widget the panel code uses is in the .ui file, and every SlicerParameterName there is a
+    parameter-node field of a type that parameterNodeWrapper can connect to that widget class."""
+    import typing
+    import xml.etree.ElementTree as ET
+
+    source = (REPO / "FewShotSegment" / "FewShotSegment.py").read_text()
+    tree = ET.parse(REPO / "FewShotSegment" / "Resources" / "UI" / "FewShotSegment.ui")
+    widgets = {w.get("name"): w.get("class") for w in tree.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used and used <= set(widgets), sorted(used - set(widgets))
+
+    hints = typing.get_type_hints(fss.FewShotSegmentParameterNode, vars(fss), include_extras=True)
+    bound = {}
+    for w in tree.iter("widget"):
+        for p in w.findall("property"):
+            if p.get("name") == "SlicerParameterName":
+                bound[p.find("string").text] = w.get("class")
+    assert bound and set(bound) <= set(hints), sorted(set(bound) - set(hints))
+    for name, widgetClass in bound.items():
+        hint = hints[name]
+        base = typing.get_origin(hint) is typing.Annotated and typing.get_args(hint)[0] or hint
+        extras = typing.get_args(hint)[1:] if typing.get_origin(hint) is typing.Annotated else ()
+        kinds = {type(e).__name__ for e in extras}
+        expected = {
+            "QComboBox": lambda: base is str and "Choice" in kinds,
+            "ctkPathLineEdit": lambda: base is type(REPO) or base.__name__.endswith("Path"),
+            "QCheckBox": lambda: base is bool,
+            "QSpinBox": lambda: base is int,
+            "ctkSliderWidget": lambda: base is float and "WithinRange" in kinds,
+            "QLineEdit": lambda: base is str,
+            "qMRMLNodeComboBox": lambda: base.__name__.startswith("vtkMRML"),
+        }[widgetClass]()
+        assert expected, f"{name}: {hint} cannot be connected to a {widgetClass}"
+    for name, hint in hints.items():  # Choice annotations list the library's allowed values
+        for extra in (typing.get_args(hint)[1:] if typing.get_origin(hint) is typing.Annotated else ()):
+            if type(extra).__name__ == "Choice":
+                assert fss.FewShotSegmentParameterNode.__dict__[name] in extra.choices, name
