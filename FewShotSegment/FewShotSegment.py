@@ -379,7 +379,8 @@ class FewShotSegmentLogic(ScriptedLoadableModuleLogic):
 
     Typical console use::
 
-        logic = slicer.util.getModuleLogic("FewShotSegment")  # or FewShotSegmentLogic()
+        import FewShotSegment
+        logic = FewShotSegment.FewShotSegmentLogic()
         result = logic.run(volumeNode, templateSegmentationNode, config={"refine": "box"})
         result.segmentationNode, result.landmarksNode
     """

@@ -18,7 +18,7 @@ CT_REFERENCE = DATA / "totalseg_ct" / "example_seg_fast_force_split.nii.gz"
 # label values of the reference map ("total" task of TotalSegmentator) and the template slice
 CT_LABELS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3}
 CT_COLORS = {"liver": (0.86, 0.55, 0.40), "spleen": (0.62, 0.31, 0.64),
-             "kidney_right": (0.72, 0.31, 0.24), "kidney_left": (0.98, 0.78, 0.35)}
+             "kidney_right": (0.35, 0.75, 0.45), "kidney_left": (0.98, 0.78, 0.35)}
 TEMPLATE_SLICE = 90  # axial slice through the middle of the liver (z 69..111); all four organs on it
 # A Slicer terminology entry for the liver (SNOMED CT codes), to check the output keeps it
 LIVER_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list"
