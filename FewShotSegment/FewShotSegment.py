@@ -614,7 +614,7 @@ class FewShotSegmentLogic(ScriptedLoadableModuleLogic):
         creationflags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if os.name == "nt" else 0
         with open(job.stderrPath, "w") as stderr:
             job.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
-                                           cwd=libraryDir, env=env, text=True, bufsize=1,
+                                           cwd=libraryDir, env=env, text=True, encoding="utf-8", errors="replace", bufsize=1,
                                            creationflags=creationflags)
         job.state = "running"
         job._reader = threading.Thread(target=_readLines, args=(job.process.stdout, job._lines),
@@ -868,6 +868,7 @@ class FewShotSegmentLogic(ScriptedLoadableModuleLogic):
         while self.busy:
             self.wait(self.job)
             self.poll()
+        self.finishBatch()
         return list(self.batchResults)
 
     def _recordBatchResult(self, job):
@@ -1099,6 +1100,13 @@ class FewShotSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveAdapterButton.enabled = not busy and adapterReady
         self.ui.cancelButton.enabled = busy
 
+    def _checkedSegmentIds(self):
+        """Checked template segments; None when all are checked (= every segment)."""
+        listWidget = self.ui.labelsListWidget
+        ids = [listWidget.item(row).data(qt.Qt.UserRole) for row in range(listWidget.count)
+               if listWidget.item(row).checkState() == qt.Qt.Checked]
+        return None if len(ids) == listWidget.count else ids
+
     def _checkedLabelCount(self):
         listWidget = self.ui.labelsListWidget
         return sum(1 for row in range(listWidget.count) if listWidget.item(row).checkState() == qt.Qt.Checked)
@@ -1131,7 +1139,7 @@ class FewShotSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         config = self.logic.configFromParameterNode(pn)
         self._startJob(lambda: self.logic.train(
             pn.inputVolume, pn.templateSegmentation, modelPath=self.logic.defaultAdapterPath(pn.inputVolume),
-            segmentIds=self.logic.selectedSegmentIds(pn), config=config, wait=False))
+            segmentIds=self._checkedSegmentIds(), config=config, wait=False))
 
     def onPropagate(self):
         pn = self._parameterNode
@@ -1141,7 +1149,7 @@ class FewShotSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                       config=config, wait=False))
         else:
             self._startJob(lambda: self.logic.run(
-                pn.inputVolume, pn.templateSegmentation, segmentIds=self.logic.selectedSegmentIds(pn),
+                pn.inputVolume, pn.templateSegmentation, segmentIds=self._checkedSegmentIds(),
                 config=config, wait=False, keepModelAs=self.logic.defaultAdapterPath(pn.inputVolume)))
 
     def onApplyBatch(self):
