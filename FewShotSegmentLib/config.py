@@ -37,7 +37,9 @@ class PipelineConfig:
     landmarks: bool = True
     device: str = "auto"
     seed: int = 0
-    epochs: int = 60
+    epochs: int = 60                  # classification adapter: passes over the training pixels
+    steps: int = 1500                 # contrastive adapter: pair batches
+    negative_margin_px: int = 0       # >0: background pixels this close to a RoI are not negatives
     samples_per_label: int = 2000     # training pixels per label per template slice
     batch_size: int = 4               # slices per encoder batch
     cache_dir: str = ""               # feature cache; "" disables

