@@ -45,6 +45,9 @@ class Prediction:
     labels: sitk.Image                    # label values as in the template, on the input grid
     landmarks: list[dict]
     summary: dict = field(default_factory=dict)
+    # with segment(..., keep_stages=True): label images after each step ("adapter", "components",
+    # "refined"), for benchmarks that report what each step adds
+    stages: dict[str, sitk.Image] = field(default_factory=dict)
 
 
 @dataclass
@@ -225,17 +228,24 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
 
 
 def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image | None = None,
-            progress: Progress = _noop, cancel: Callable[[], bool] | None = None) -> Prediction:
+            progress: Progress = _noop, cancel: Callable[[], bool] | None = None,
+            keep_stages: bool = False) -> Prediction:
     """Label every slice of ``prepared``; ``template`` (same image) seeds the component clean-up."""
     config = model.config
     timings = {"encode_s": prepared.seconds}
     start = time.perf_counter()
     index = score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel)
     timings["propagate_s"] = time.perf_counter() - start
+    values = np.array([0] + model.label_values, dtype=np.uint16)
+    stages = {}
+    if keep_stages:
+        stages["adapter"] = prepared.from_slices(values[index])
     keep = {k: config.keep_components or default_keep(model.labels[v]["name"])
             for k, v in enumerate(model.label_values, start=1)}
     seeds = None if template is None else _to_index(prepared.to_slices(template), model.label_values)
     index = _clean(index, seeds, keep, config.min_component_voxels, config.axis)
+    if keep_stages:
+        stages["components"] = prepared.from_slices(values[index])
     if config.refine != "none":
         start = time.perf_counter()
         index = refine_label_slices(index, prepared.features, prepared.slices01, config.refine, config.n_points,
@@ -243,7 +253,6 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
                                     lambda f, m: progress(0.8 + 0.18 * f, "refine", m), cancel)
         index = _clean(index, seeds, keep, config.min_component_voxels, config.axis)
         timings["refine_s"] = time.perf_counter() - start
-    values = np.array([0] + model.label_values, dtype=np.uint16)
     label_image = prepared.from_slices(values[index])
     landmarks = landmarks_from_label_map(label_image, model.labels) if config.landmarks else []
     counts = {model.labels[v]["name"]: int((values[index] == v).sum()) for v in model.label_values}
@@ -251,7 +260,9 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     summary = {"voxels": counts, "not_found": missing, "timings": timings,
                "landmarks": [{"label": p["label"], "position_lps": list(p["position"])} for p in landmarks]}
     progress(1.0, "done", "segmentation finished" + (f"; not found: {missing}" if missing else ""))
-    return Prediction(label_image, landmarks, summary)
+    if keep_stages:
+        stages["refined" if config.refine != "none" else "final"] = label_image
+    return Prediction(label_image, landmarks, summary, stages)
 
 
 def _clean(index, seeds, keep, min_voxels, axis):
