@@ -1273,15 +1273,15 @@ class FewShotSegmentTest(ScriptedLoadableModuleTest):
 
     @staticmethod
     def makeSyntheticScene():
-        """A 48x64x64 volume (CT-like HU) with a bright ellipsoid and a darker ball, and a template
+        """A 32x64x64 volume (CT-like HU) with a bright ellipsoid and a darker ball, and a template
         segmentation painted on the middle slice of each. Returns (volume, template, truth dict)."""
         import numpy as np
 
         rng = np.random.default_rng(0)
-        shape = (48, 64, 64)  # k, j, i
+        shape = (32, 64, 64)  # k, j, i
         k, j, i = np.mgrid[:shape[0], :shape[1], :shape[2]]
-        blob = ((k - 24) / 16.0) ** 2 + ((j - 30) / 14.0) ** 2 + ((i - 22) / 12.0) ** 2 <= 1
-        ball = ((k - 24) / 9.0) ** 2 + ((j - 32) / 9.0) ** 2 + ((i - 47) / 9.0) ** 2 <= 1
+        blob = ((k - 16) / 11.0) ** 2 + ((j - 30) / 14.0) ** 2 + ((i - 22) / 12.0) ** 2 <= 1
+        ball = ((k - 16) / 7.0) ** 2 + ((j - 32) / 9.0) ** 2 + ((i - 47) / 9.0) ** 2 <= 1
         body = ((j - 32) / 30.0) ** 2 + ((i - 32) / 31.0) ** 2 <= 1
         image = np.where(body, 0.0, -1000.0) + rng.normal(0, 10, shape)
         image[blob] = 120 + rng.normal(0, 10, int(blob.sum()))
@@ -1298,7 +1298,7 @@ class FewShotSegmentTest(ScriptedLoadableModuleTest):
         for name, color, mask in (("blob", (0.9, 0.4, 0.3), blob), ("ball", (0.3, 0.5, 0.9), ball)):
             segmentId = template.GetSegmentation().AddEmptySegment(name, name, color)
             painted = np.zeros(shape, dtype=np.uint8)
-            painted[24] = mask[24]
+            painted[16] = mask[16]
             slicer.util.updateSegmentBinaryLabelmapFromArray(painted, template, segmentId, volume)
         return volume, template, truth
 
@@ -1311,8 +1311,9 @@ class FewShotSegmentTest(ScriptedLoadableModuleTest):
         logic = FewShotSegmentLogic()
         if missingDependencies():
             self.assertTrue(installDependencies(askConfirmation=False), "dependencies could not be installed")
-        self.delayDisplay("Running the worker (first run encodes 48 slices)")
-        result = logic.run(volume, template, config={"refine": "box", "device": "cpu", "epochs": 40})
+        self.delayDisplay("Running the worker (the first run encodes 32 slices)")
+        result = logic.run(volume, template, config={"refine": "box", "device": "cpu", "epochs": 40,
+                                                    "cache_dir": logic.defaultFeatureCacheDir()})
         segmentation = result.segmentationNode
         self.assertIsNotNone(segmentation)
         self.assertNotEqual(segmentation.GetID(), template.GetID())

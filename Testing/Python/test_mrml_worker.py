@@ -210,3 +210,12 @@ def test_crashing_worker_gives_a_clear_error_and_leaves_the_scene_unchanged(fss,
     assert logic.job.state == "failed"
     assert nodeIds(scene) == before
     assert not any(logic.temporaryRoot.iterdir())
+
+
+def test_module_self_test_passes(fss, mrml, monkeypatch):
+    """The self-test that Slicer's "Reload and Test" runs (synthetic volume, one painted slice)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(REPO / ".cache"))  # its feature cache, outside $HOME
+    test = fss.FewShotSegmentTest()
+    test.runTest()
+    segmentations = mrml.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+    assert segmentations.GetNumberOfItems() == 2  # the template and the new result
