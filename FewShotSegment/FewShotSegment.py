@@ -651,6 +651,8 @@ class FewShotSegmentLogic(ScriptedLoadableModuleLogic):
                 job.outputs = dict(event.get("outputs") or {})
             elif kind == "error":
                 job.error = str(event.get("message", "")) or job.error
+                if event.get("traceback"):
+                    logging.error(f"FewShotSegment worker traceback:\n{event['traceback']}")
             if job.callback is not None:
                 try:
                     job.callback(job, event)
