@@ -193,10 +193,7 @@ def train(prepared: PreparedVolume, template: sitk.Image, config: PipelineConfig
                "contrastive": dict(steps=config.steps, threshold=config.threshold)}[config.adapter]
     adapter = create_adapter(config.adapter, seed=config.seed, **options)
     torch.manual_seed(config.seed)
-    if config.adapter == "basic":
-        adapter.fit(pixels)
-    else:
-        adapter.fit(pixels, progress=lambda f, m: progress(f, "train", m))
+    adapter.fit(pixels, progress=lambda f, m: progress(f, "train", m))
     return TrainedModel(adapter, config, values, meta, backbone_id)
 
 

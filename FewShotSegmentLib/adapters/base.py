@@ -80,7 +80,12 @@ class Adapter:
     def _standardize(self, feats: torch.Tensor) -> torch.Tensor:
         return (feats - self.mean) / self.std
 
-    def fit(self, pixels: TrainingPixels, volume_features: VolumeFeatures | None = None):
+    def fit(self, pixels: TrainingPixels, progress=None):
+        """Learn from the template pixels; progress(fraction, message) is called now and then."""
+        with single_thread():
+            self._fit(pixels, progress)
+
+    def _fit(self, pixels: TrainingPixels, progress=None):
         raise NotImplementedError
 
     def score_slice(self, features: VolumeFeatures, index: int, stride: int = 1) -> torch.Tensor:

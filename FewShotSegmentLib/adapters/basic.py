@@ -17,7 +17,7 @@ class BasicAdapter(Adapter):
         super().__init__(seed, threshold=threshold, center_features=center_features)
         self.prototypes: torch.Tensor | None = None  # (K, C), uncentred mean features
 
-    def fit(self, pixels: TrainingPixels, volume_features=None):
+    def _fit(self, pixels: TrainingPixels, progress=None):
         self.n_labels = pixels.n_labels
         self.prototypes = torch.stack([pixels.features[pixels.labels == k].mean(0)
                                        for k in range(1, self.n_labels + 1)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, TrainingPixels, mlp, single_thread
+from .base import Adapter, TrainingPixels, mlp
 
 
 class ClassificationAdapter(Adapter):
@@ -18,10 +18,6 @@ class ClassificationAdapter(Adapter):
     def _build(self):
         h = self.options["hidden"]
         self.net = mlp([self.in_dim, h, h // 2, self.n_labels + 1])
-
-    def fit(self, pixels: TrainingPixels, volume_features=None, progress=None):
-        with single_thread():
-            self._fit(pixels, progress)
 
     def _fit(self, pixels: TrainingPixels, progress=None):
         torch.manual_seed(self.seed)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, TrainingPixels, mlp, single_thread
+from .base import Adapter, TrainingPixels, mlp
 
 
 class SiamesePairNet(torch.nn.Module):
@@ -58,10 +58,6 @@ class ContrastiveAdapter(Adapter):
 
     def _build(self):
         self.net = SiamesePairNet(self.in_dim, self.options["hidden"], self.options["embed"])
-
-    def fit(self, pixels: TrainingPixels, volume_features=None, progress=None):
-        with single_thread():
-            self._fit(pixels, progress)
 
     def _fit(self, pixels: TrainingPixels, progress=None):
         torch.manual_seed(self.seed)
