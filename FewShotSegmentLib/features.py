@@ -43,6 +43,13 @@ class VolumeFeatures:
     def dim(self) -> int:
         return self.features.shape[1]
 
+    def mean_feature(self) -> torch.Tensor:
+        """(C,) mean feature of the whole volume, computed once (the basic adapter's centre:
+        recomputing it per slice made CT propagation 8x slower)."""
+        if getattr(self, "_mean", None) is None:
+            self._mean = self.features.float().mean(dim=(0, 2, 3))
+        return self._mean
+
     def _grid(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         fh, fw = self.frame
         gy = (np.asarray(rows, dtype=np.float32) + 0.5) * self.scale / fh * 2 - 1

@@ -27,7 +27,7 @@ class BasicAdapter(Adapter):
         protos = self.prototypes
         if self.options["center_features"]:
             # the centre is the mean over the volume being segmented, so it adapts to each patient
-            center = features.features.float().mean(dim=(0, 2, 3))
+            center = features.mean_feature()
             feats, protos = feats - center, protos - center
         cos = F.normalize(feats, dim=-1) @ F.normalize(protos, dim=-1).T      # (H', W', K)
         background = torch.full(cos.shape[:2] + (1,), self.options["threshold"])
