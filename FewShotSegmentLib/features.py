@@ -26,6 +26,11 @@ def slices_along(volume: np.ndarray, axis: str) -> np.ndarray:
     return np.moveaxis(volume, AXIS_INDEX[axis], 0)
 
 
+def volume_from_slices(stack: np.ndarray, axis: str) -> np.ndarray:
+    """The inverse of slices_along: (N, H, W) slices along the named axis -> (z, y, x) (a view)."""
+    return np.moveaxis(stack, 0, AXIS_INDEX[axis])
+
+
 class VolumeFeatures:
     """Feature grids of all N slices along one axis of a normalized volume."""
 

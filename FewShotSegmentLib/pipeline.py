@@ -22,7 +22,7 @@ from .adapters import Adapter, adapter_from_state, create_adapter, sample_traini
 from .backbones import Backbone, build_backbone, pick_device
 from .config import PipelineConfig
 from .errors import Cancelled, CheckpointError, InputError
-from .features import VolumeFeatures, encode_volume, slices_along
+from .features import VolumeFeatures, encode_volume, slices_along, volume_from_slices
 from .landmarks import landmarks_from_label_map
 from .postprocess import clean_label_map, default_keep
 from .preprocessing import normalize_volume
@@ -111,7 +111,7 @@ class PreparedVolume:
         return slices_along(sitk.GetArrayFromImage(_to_canonical(image_like)), self.axis)
 
     def from_slices(self, stack: np.ndarray) -> sitk.Image:
-        volume = np.moveaxis(stack, 0, {"axial": 0, "coronal": 1, "sagittal": 2}[self.axis])
+        volume = volume_from_slices(stack, self.axis)
         canonical = sitk.GetImageFromArray(np.ascontiguousarray(volume).astype(np.uint16))
         canonical.CopyInformation(_to_canonical(self.image))
         original = sitk.DICOMOrient(canonical, _orientation(self.image))
@@ -264,10 +264,9 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
 
 def _clean(index, seeds, keep, min_voxels, axis):
     # component analysis is 3D: put the slice axis back where it belongs so neighbours are real
-    to_volume = lambda a: np.moveaxis(a, 0, {"axial": 0, "coronal": 1, "sagittal": 2}[axis])
-    from_volume = lambda a: np.moveaxis(a, {"axial": 0, "coronal": 1, "sagittal": 2}[axis], 0)
-    cleaned = clean_label_map(to_volume(index), None if seeds is None else to_volume(seeds), keep, min_voxels)
-    return np.ascontiguousarray(from_volume(cleaned)).astype(np.uint8)
+    cleaned = clean_label_map(volume_from_slices(index, axis),
+                              None if seeds is None else volume_from_slices(seeds, axis), keep, min_voxels)
+    return np.ascontiguousarray(slices_along(cleaned, axis)).astype(np.uint8)
 
 
 def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels: dict | None = None,
