@@ -36,7 +36,10 @@ def make_template(reference: np.ndarray, values: list[int], axis: int, slices: l
 
 
 def canonical_axis(image: sitk.Image, axis_name: str) -> int:
-    """Array axis (z, y, x order) of ``image`` that is the named anatomical axis, from its direction."""
+    """Array axis (z, y, x order) of ``image`` that is the named anatomical axis, from its direction
+    ("stack": the image's own slice axis, array axis 0)."""
+    if axis_name == "stack":
+        return 0
     direction = np.array(image.GetDirection()).reshape(3, 3)   # columns: index axes i, j, k in LPS
     world = {"axial": 2, "coronal": 1, "sagittal": 0}[axis_name]
     index_axis = int(np.argmax(np.abs(direction[world, :])))   # which of i, j, k runs along it
