@@ -143,6 +143,7 @@ def main(argv=None) -> int:
         for job in jobs:
             outputs = execute(job, bar, lambda: cancelled["flag"])
             bar.close()
+            _report(outputs)
             print(json.dumps({"image": job["image"], "outputs": outputs}))
         return 0
     except Cancelled:
@@ -152,6 +153,22 @@ def main(argv=None) -> int:
     except (FewShotError, OSError) as exc:
         print(f"\nfewshot-segment: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _report(outputs: dict) -> None:
+    """What a user should look at: labels not found, labels SAM was not trusted with, and the
+    slices worth painting next (on stderr; stdout stays one JSON line per image)."""
+    if "summary" not in outputs or "suggestions" not in outputs:
+        return
+    summary = json.loads(Path(outputs["summary"]).read_text())
+    if summary.get("not_found"):
+        print(f"not found: {', '.join(summary['not_found'])}", file=sys.stderr)
+    unrefined = [name for name, d in summary.get("refinement", {}).items() if not d["refined"]]
+    if unrefined:
+        print(f"not refined (SAM could not redraw the painting): {', '.join(unrefined)}", file=sys.stderr)
+    for rank, pick in enumerate(summary.get("suggested_slices", [])[:3], start=1):
+        print(f"paint next #{rank}: {pick['axis']} slice {pick['index']} (LPS {', '.join(f'{v:.1f}' for v in pick['position_lps'])};"
+              f" doubtful for {', '.join(pick['labels'])})", file=sys.stderr)
 
 
 def _stem(path: str) -> str:

@@ -27,7 +27,11 @@ Outputs (keys of "outputs", each a path inside output_dir, present when produced
     segmentation:  .seg.nrrd, one segment per label with its name and colour
     landmarks:     Slicer markups .mrk.json, one control point per found label
     model:         the trained adapter (.pt)                                     [run, train]
-    summary:       summary.json: per-label voxel counts, landmark positions, timings
+    summary:       summary.json: per-label voxel counts, landmark positions, timings, refinement
+                   decisions, labels not found, suggested slices
+    uncertainty:   uncertainty.nrrd, 0..255 per voxel on the image grid (0 on painted slices)
+    suggestions:   suggested_slices.json: {"axis", "slices": [{"index", "position_lps", "score",
+                   "labels"}]}, the slices worth painting next, best first
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ OUTPUT_NAMES = {
     "landmarks": "landmarks.mrk.json",
     "model": "adapter.pt",
     "summary": "summary.json",
+    "uncertainty": "uncertainty.nrrd",
+    "suggestions": "suggested_slices.json",
 }
 
 

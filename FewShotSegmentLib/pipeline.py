@@ -23,6 +23,7 @@ from .adapters import Adapter, adapter_from_state, create_adapter, sample_traini
 from .backbones import Backbone, build_backbone, pick_device
 from .config import ANATOMICAL_AXES, PipelineConfig
 from .errors import Cancelled, CheckpointError, InputError
+from .guidance import suggest_slices, uncertainty_from_scores
 from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, volume_from_slices
 from .landmarks import landmarks_from_label_map
 from .postprocess import clean_label_map, default_keep
@@ -49,6 +50,9 @@ class Prediction:
     # with segment(..., keep_stages=True): label images after each step ("adapter", "components",
     # "refined"), for benchmarks that report what each step adds
     stages: dict[str, sitk.Image] = field(default_factory=dict)
+    # 0..255 per voxel (guidance.py; 0 on painted slices), and the slices worth painting next
+    uncertainty: sitk.Image | None = None
+    suggestions: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -121,9 +125,9 @@ class PreparedVolume:
         """A label image on the input grid -> (N, H, W) array aligned with slices01."""
         return slices_along(sitk.GetArrayFromImage(_to_canonical(image_like)), self.axis)
 
-    def from_slices(self, stack: np.ndarray) -> sitk.Image:
+    def from_slices(self, stack: np.ndarray, dtype=np.uint16) -> sitk.Image:
         volume = volume_from_slices(stack, self.axis)
-        canonical = sitk.GetImageFromArray(np.ascontiguousarray(volume).astype(np.uint16))
+        canonical = sitk.GetImageFromArray(np.ascontiguousarray(volume).astype(dtype))
         canonical.CopyInformation(_to_canonical(self.image))
         original = sitk.DICOMOrient(canonical, _orientation(self.image))
         original.CopyInformation(self.image)  # same grid; drop floating-point noise of the reorient
@@ -273,9 +277,17 @@ def upsample_scores(scores: torch.Tensor, size: tuple[int, int], stride: int) ->
     return F.pad(up, (0, w - span[1], 0, h - span[0]), mode="replicate")[0]
 
 
+@dataclass
+class VolumeScores:
+    """The adapter's decision on every slice along the propagation axis, (N, H, W) each."""
+    index: np.ndarray           # uint8: winning class (0 background, k = k-th label)
+    runner_up: np.ndarray       # uint8: second most probable class
+    uncertainty: np.ndarray     # uint8 0..255 (guidance.uncertainty_from_scores)
+
+
 def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progress = _noop,
-                 cancel: Callable[[], bool] | None = None) -> np.ndarray:
-    """(N, H, W) adapter class per pixel (0 background, k = k-th label).
+                 cancel: Callable[[], bool] | None = None) -> VolumeScores:
+    """Adapter class per pixel, with the runner-up and the uncertainty between them.
 
     Each slice's class probabilities are averaged with its neighbours' (``smooth_across_mm``)
     before the decision, so an organ's outline does not jump from slice to slice. Only the
@@ -289,7 +301,7 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
     weights = neighbour_weights(model.config.smooth_across_mm, prepared.slice_spacing_mm)
     radius = len(weights) // 2
     window: dict[int, torch.Tensor] = {}
-    out = np.zeros((n, h, w), np.uint8)
+    out = VolumeScores(*(np.zeros((n, h, w), np.uint8) for _ in range(3)))
     for i in range(n + radius):
         if i < n:
             if cancel and cancel():
@@ -300,7 +312,11 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
             continue
         near = [(weights[d + radius], window[j + d]) for d in range(-radius, radius + 1) if 0 <= j + d < n]
         scores = sum(float(wt) * sc for wt, sc in near) / sum(float(wt) for wt, _ in near)
-        out[j] = upsample_scores(scores, (h, w), stride).argmax(0).numpy()
+        full = upsample_scores(scores, (h, w), stride)
+        top = full.topk(min(2, len(full)), dim=0)
+        out.index[j] = top.indices[0].numpy()
+        out.runner_up[j] = top.indices[-1].numpy()
+        out.uncertainty[j] = uncertainty_from_scores(full.numpy())
         window.pop(j - radius, None)
         progress((j + 1) / n, "propagate", f"slice {j + 1}/{n}")
     return out
@@ -331,8 +347,8 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     start = time.perf_counter()
     seeds = None if template is None else _to_index(prepared.to_slices(template), model.label_values)
     painted = painted_slices(seeds)
-    index = _paint(score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel),
-                   seeds, painted)
+    scored = score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel)
+    index = _paint(scored.index.copy(), seeds, painted)
     timings["propagate_s"] = time.perf_counter() - start
     values = np.array([0] + model.label_values, dtype=np.uint16)
     stages = {}
@@ -366,16 +382,35 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     if config.smooth_final_mm > 0:
         index = _paint(_smooth_labels(index, config.smooth_final_mm, prepared), seeds, painted)
     label_image = prepared.from_slices(values[index])
+    uncertainty = scored.uncertainty
+    uncertainty[painted] = 0                      # the painting is certain
+    painted_per_label = {k: [i for i in painted if (seeds[i] == k).any()] or painted
+                         for k in range(1, len(model.label_values) + 1)}
+    suggestions = [_describe_slice(s, prepared, model) for s in
+                   suggest_slices(uncertainty, scored.runner_up, index, painted_per_label)]
     landmarks = landmarks_from_label_map(label_image, model.labels) if config.landmarks else []
     counts = {model.labels[v]["name"]: int((values[index] == v).sum()) for v in model.label_values}
     missing = [name for name, n in counts.items() if n == 0]
     summary = {"voxels": counts, "not_found": missing, "timings": timings, "axis": prepared.axis,
-               "painted_slices": painted, "refinement": refinement,
+               "painted_slices": painted, "refinement": refinement, "suggested_slices": suggestions,
                "landmarks": [{"label": p["label"], "position_lps": list(p["position"])} for p in landmarks]}
     progress(1.0, "done", "segmentation finished" + (f"; not found: {missing}" if missing else ""))
     if keep_stages:
         stages["final"] = label_image
-    return Prediction(label_image, landmarks, summary, stages)
+    return Prediction(label_image, landmarks, summary, stages, prepared.from_slices(uncertainty, np.uint8),
+                      suggestions)
+
+
+def _describe_slice(pick: dict, prepared: PreparedVolume, model: TrainedModel) -> dict:
+    """A suggestion in terms a viewer can use: the slice's centre in LPS (Slicer jumps slice views
+    to a position) and the slice's index along the propagation axis of the canonical volume."""
+    canonical = _to_canonical(prepared.image)
+    zyx = [s // 2 for s in canonical.GetSize()[::-1]]
+    zyx[AXIS_INDEX[prepared.axis]] = pick["index"]
+    point = canonical.TransformIndexToPhysicalPoint([int(v) for v in zyx[::-1]])
+    return {"axis": prepared.axis, "index": int(pick["index"]), "position_lps": [float(v) for v in point],
+            "score": round(pick["score"], 1),
+            "labels": [model.labels[model.label_values[k - 1]]["name"] for k in pick["labels"]]}
 
 
 def _smooth_labels(index: np.ndarray, sigma_mm: float, prepared: PreparedVolume) -> np.ndarray:

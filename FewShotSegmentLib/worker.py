@@ -31,7 +31,8 @@ def execute(job: dict, progress: pipeline.Progress = pipeline._noop,
     config = PipelineConfig.from_dict(job.get("config"))
     out_dir = Path(job["output_dir"])
     task = job["task"]
-    wanted = ["labels", "segmentation", "summary"] + (["landmarks"] if config.landmarks else [])
+    wanted = ["labels", "segmentation", "summary", "uncertainty", "suggestions"] + \
+        (["landmarks"] if config.landmarks else [])
     if task in ("run", "train"):
         wanted.append("model")
     if task == "train":
@@ -77,6 +78,9 @@ def execute(job: dict, progress: pipeline.Progress = pipeline._noop,
                 io.write_markups_json([{"label": p["label"], "position": p["position"],
                                         "description": f"label value {p['label_value']}"}
                                        for p in prediction.landmarks], staged["landmarks"])
+            io.write_image(prediction.uncertainty, staged["uncertainty"])
+            staged["suggestions"].write_text(json.dumps(
+                {"axis": prediction.summary["axis"], "slices": prediction.suggestions}, indent=2))
             summary.update(prediction.summary)
         staged["summary"].write_text(json.dumps(summary, indent=2))
         for key, path in staged.items():

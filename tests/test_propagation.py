@@ -49,7 +49,7 @@ def model(adapter, **config):
 
 def test_scores_are_not_shifted_by_the_sampling_stride():
     prepared = prepared_volume()
-    index = pipeline.score_volume(model(LinearAdapter(), smooth_across_mm=0), prepared)
+    index = pipeline.score_volume(model(LinearAdapter(), smooth_across_mm=0), prepared).index
     expected = np.zeros((512, 512), np.uint8)
     expected[:, 37:] = 1
     for plane in index:
@@ -67,8 +67,8 @@ def test_upsampling_keeps_samples_on_their_pixels():
 def test_a_slice_that_disagrees_with_its_neighbours_is_outvoted_when_smoothing():
     prepared = prepared_volume(n=5, spacing=1.0)
     adapter = LinearAdapter(flipped={2})
-    alone = pipeline.score_volume(model(adapter, smooth_across_mm=0), prepared)
-    smoothed = pipeline.score_volume(model(adapter, smooth_across_mm=1.5), prepared)
+    alone = pipeline.score_volume(model(adapter, smooth_across_mm=0), prepared).index
+    smoothed = pipeline.score_volume(model(adapter, smooth_across_mm=1.5), prepared).index
     assert alone[2, 0, 100] == 0 and alone[1, 0, 100] == 1
     assert smoothed[2, 0, 100] == 1 and smoothed[2, 0, 10] == 0
     # far-apart slices (7.7 mm MRI) are not smoothed by a 1.5 mm sigma

@@ -31,28 +31,40 @@ def sample_training_pixels(features: VolumeFeatures, template: np.ndarray, templ
 
     template: (N, H, W) label indices along the propagation axis (0 background, 1..K labels).
     Background is half 'anywhere outside the RoIs' and half from a 15-px ring around them (the hard
-    negatives that decide where a boundary lies). Pixels closer to a stroke than its margin are not
-    used as negatives: the margin is ``negative_margin_px`` (the paper's negatives >= 10 px away)
-    or ``negative_margin_fraction`` of the stroke's equivalent radius, whichever is larger, so an
-    organ painted a little inside its border does not teach "organ rim = background".
+    negatives that decide where a boundary lies). Painting is rarely exact: an organ painted a
+    little inside its border would teach "organ rim = background". So unpainted pixels within a
+    margin of a stroke (``negative_margin_fraction`` of its equivalent radius) are negatives only
+    if their features are nearer the slice's background than that stroke (nearest centroid, features
+    centred on the slice's sample): the tissue just outside a well-painted organ differs from it
+    and stays a negative, an unpainted rim of the organ does not. ``negative_margin_px`` > 0 drops
+    every background pixel closer than that (the paper's negatives >= 10 px away).
     """
     rng = rng or np.random.default_rng(0)
     feats, labels = [], []
     for index in template_slices:
         plane = template[index]
         present = [k for k in np.unique(plane) if k > 0]
-        # distance beyond the nearest stroke's margin (negative: inside a margin)
+        # distance beyond the nearest stroke's margin (negative: inside a margin), and that stroke
         beyond = np.full(plane.shape, np.inf)
+        nearest = np.zeros(plane.shape, np.int64)
+        stroke_feats = {}
         for k in present:
             mask = plane == k
             rows, cols = np.nonzero(mask)
             pick = rng.choice(len(rows), size=min(samples_per_label, len(rows)), replace=False)
-            feats.append(features.sample(index, rows[pick], cols[pick]))
+            stroke_feats[k] = features.sample(index, rows[pick], cols[pick])
+            feats.append(stroke_feats[k])
             labels.append(np.full(len(pick), k))
             radius = np.sqrt(len(rows) / np.pi)
-            margin = max(negative_margin_px, 1, int(np.ceil(negative_margin_fraction * radius)))
-            beyond = np.minimum(beyond, ndimage.distance_transform_edt(~mask) - margin)
-        allowed = (plane == 0) & (beyond >= 0)
+            margin = max(negative_margin_px, int(np.ceil(negative_margin_fraction * radius)))
+            distance = ndimage.distance_transform_edt(~mask) - margin
+            nearest[distance < beyond] = k
+            beyond = np.minimum(beyond, distance)
+        outside = plane == 0
+        allowed = outside & (beyond >= 0)
+        if negative_margin_fraction > 0 and negative_margin_px == 0:
+            allowed |= _background_like(features, index, outside & (beyond < 0), allowed, nearest,
+                                        stroke_feats, rng)
         ring = allowed & (beyond <= 15)
         n_background = samples_per_label * max(1, len(present))
         for pool, share in ((allowed, 0.5), (ring, 0.5)):
@@ -64,6 +76,29 @@ def sample_training_pixels(features: VolumeFeatures, template: np.ndarray, templ
             feats.append(features.sample(index, rows[pick], cols[pick]))
             labels.append(np.zeros(len(pick), dtype=np.int64))
     return TrainingPixels(torch.cat(feats), torch.from_numpy(np.concatenate(labels).astype(np.int64)))
+
+
+def _background_like(features: VolumeFeatures, index: int, zone: np.ndarray, background: np.ndarray,
+                     nearest: np.ndarray, stroke_feats: dict, rng: np.random.Generator) -> np.ndarray:
+    """The pixels of ``zone`` (unpainted, close to a stroke) whose feature is nearer (cosine, after
+    centring) to the mean of the slice's sure background than to the mean of their nearest stroke."""
+    result = np.zeros(zone.shape, bool)
+    rows, cols = np.nonzero(zone)
+    b_rows, b_cols = np.nonzero(background)
+    if len(rows) == 0 or len(b_rows) == 0:
+        return result
+    pick = rng.choice(len(b_rows), size=min(4000, len(b_rows)), replace=False)
+    background_mean = features.sample(index, b_rows[pick], b_cols[pick]).mean(0)
+    stroke_means = {k: f.mean(0) for k, f in stroke_feats.items()}
+    centre = torch.stack([background_mean, *stroke_means.values()]).mean(0)
+    candidates = torch.nn.functional.normalize(features.sample(index, rows, cols) - centre, dim=1)
+    to_background = candidates @ torch.nn.functional.normalize(background_mean - centre, dim=0)
+    own = torch.stack([torch.nn.functional.normalize(stroke_means[k] - centre, dim=0)
+                       for k in nearest[rows, cols].tolist()])
+    to_stroke = (candidates * own).sum(1)
+    keep = (to_background > to_stroke).numpy()
+    result[rows[keep], cols[keep]] = True
+    return result
 
 
 class Adapter:

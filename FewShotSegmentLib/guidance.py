@@ -1,0 +1,66 @@
+"""Where the result is doubtful, and which slice to paint next.
+
+Uncertainty is the adapter's own: 1 - 2 x (margin between the most and second most probable class
+of a voxel), after smoothing across slices, clipped to [0, 1] (0: one class leads by 0.5 or more;
+1: a tie). A slice is worth painting when many voxels on it are doubtful, weighted by how far it
+lies from the slices already painted for the labels concerned (a slice next to a painted one is
+already well constrained). Suggestions are picked greedily: once a slice is suggested it counts
+as painted for the next pick, so suggestions spread over the volume.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+DOUBTFUL = 0.5          # uncertainty above which a voxel counts as doubtful
+REACH_SLICES = 3.0      # distance (slices) from a painted slice beyond which a slice counts fully
+
+
+def uncertainty_from_scores(scores) -> np.ndarray:
+    """(C, H, W) class scores (torch or numpy) -> (H, W) uint8 uncertainty, 0..255."""
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.shape[0] < 2:
+        return np.zeros(scores.shape[1:], np.uint8)
+    top2 = np.sort(np.partition(scores, -2, axis=0)[-2:], axis=0)
+    margin = top2[1] - top2[0]
+    return np.round(np.clip(1.0 - 2.0 * margin, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def doubt_per_slice(uncertainty: np.ndarray, runner_up: np.ndarray, index: np.ndarray, label: int) -> np.ndarray:
+    """(N,) number of doubtful voxels on each slice where ``label`` is the winner or the runner-up."""
+    doubtful = uncertainty > DOUBTFUL * 255
+    concerned = (index == label) | (runner_up == label)
+    return (doubtful & concerned).reshape(len(index), -1).sum(1).astype(np.float64)
+
+
+def suggest_slices(uncertainty: np.ndarray, runner_up: np.ndarray, index: np.ndarray, painted: dict[int, list[int]],
+                   count: int = 5) -> list[dict]:
+    """Slices to paint next, best first: [{"index", "score", "labels"}], on the (N, H, W) stacks
+    of the propagation axis. ``painted``: {label: slices where it is painted} (labels with no entry
+    count as painted nowhere). A slice may serve several labels; its score is the sum of theirs."""
+    n = len(index)
+    labels = sorted(set(painted) | (set(np.unique(index).tolist()) - {0}))
+    doubt = {k: doubt_per_slice(uncertainty, runner_up, index, k) for k in labels}
+    taken = {k: list(painted.get(k, [])) for k in labels}
+    picks = []
+    positions = np.arange(n)
+    for _ in range(min(count, n)):
+        total = np.zeros(n)
+        parts = {}
+        for k in labels:
+            if taken[k]:
+                distance = np.min(np.abs(positions[:, None] - np.asarray(taken[k])[None]), axis=1)
+                weight = np.minimum(1.0, distance / REACH_SLICES)
+            else:
+                weight = np.ones(n)
+            parts[k] = doubt[k] * weight
+            total += parts[k]
+        for p in picks:
+            total[p["index"]] = -1
+        best = int(np.argmax(total))
+        if total[best] <= 0:
+            break
+        served = [k for k in labels if parts[k][best] > 0]
+        picks.append({"index": best, "score": float(total[best]), "labels": served})
+        for k in labels:
+            taken[k].append(best)
+    return picks
