@@ -23,8 +23,8 @@ from .adapters import Adapter, adapter_from_state, create_adapter, sample_traini
 from .backbones import Backbone, build_backbone, pick_device
 from .config import ANATOMICAL_AXES, PipelineConfig
 from .errors import Cancelled, CheckpointError, InputError
-from .guidance import suggest_slices, uncertainty_from_scores
 from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, volume_from_slices
+from .guidance import suggest_slices, uncertainty_from_scores
 from .landmarks import landmarks_from_label_map
 from .postprocess import clean_label_map, default_keep
 from .preprocessing import normalize_volume
@@ -253,8 +253,8 @@ def _to_index(stack: np.ndarray, values: list[int]) -> np.ndarray:
 
 
 def neighbour_weights(sigma_mm: float, spacing_mm: float) -> np.ndarray:
-    """Gaussian weights over neighbouring slices (odd length, centre first slice's own), for a
-    sigma in mm; a single 1 when the slices are too far apart for it to matter."""
+    """Gaussian weights for the slices around a slice (odd length, its own weight in the middle),
+    for a sigma in mm; a single 1 when the slices are too far apart for it to matter."""
     sigma = sigma_mm / max(spacing_mm, 1e-6)
     radius = min(3, int(np.ceil(2 * sigma))) if sigma >= 0.3 else 0
     offsets = np.arange(-radius, radius + 1)
