@@ -36,7 +36,9 @@ sys.path[:0] = [str(REPO / "FewShotSegment"), str(REPO)]
 def installStandIns():
     import slicer
 
-    sys.modules.setdefault("qt", mock.MagicMock(name="qt"))
+    import qt_standins
+
+    qt_standins.install()
     sys.modules.setdefault("ctk", mock.MagicMock(name="ctk"))
 
     i18n = types.ModuleType("slicer.i18n")
