@@ -29,6 +29,7 @@ PIP_DEPENDENCIES = (
     ("SimpleITK", "SimpleITK"),  # Slicer ships it; installed only where it is missing
     ("skimage", "scikit-image==0.26.0"),
     ("scipy", "scipy==1.17.1"),
+    ("slicerio", "slicerio==1.4.0"),
 )
 DEPENDENCIES = TORCH_DEPENDENCIES + PIP_DEPENDENCIES
 
