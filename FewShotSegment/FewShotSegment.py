@@ -50,7 +50,7 @@ class FewShotSegment(ScriptedLoadableModule):
 
 
 def _registerSampleData():
-    from FewShotSegmentSlicer.SampleData import registerSampleData
+    from FewShotSegmentSlicer.SampleDataRegistration import registerSampleData
 
     registerSampleData()
 

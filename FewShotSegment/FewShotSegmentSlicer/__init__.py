@@ -5,7 +5,7 @@
 - MrmlConversion: MRML <-> job files;   - Preview: the preview/accept loop, suggested slices;
 - AdapterFiles: trained adapters on disk;
 - Logic (+ Batch): FewShotSegmentLogic; - Widget: the panel; - Interfaces: protocols between them;
-- SelfTest, SampleData: Slicer's self-test and Sample Data registration.
+- SelfTest, SampleDataRegistration: Slicer's self-test and Sample Data registration.
 """
 from .Dependencies import DEPENDENCIES, DependencyError, DependencyInstaller, installDependencies, missingDependencies
 from .Jobs import FewShotJob, FewShotJobError, FewShotResult, LabelInfo

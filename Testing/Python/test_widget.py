@@ -210,3 +210,24 @@ def test_failed_installation_is_reported_and_starts_nothing(panel, runs, monkeyp
     panel.messages.confirmAnswer = False  # the user declines: nothing happens
     ui.propagateButton.click()
     assert panel.installer is None and runs == []
+
+
+def test_the_real_classes_and_the_stand_ins_provide_the_interfaces(fss):
+    """Every method of the protocols exists, with the protocol's parameter names, on the real Logic and
+    worker process and on the stand-in worker the tests use (so the stand-in cannot drift)."""
+    import inspect
+
+    from FewShotSegmentSlicer.Interfaces import FewShotLogicProtocol, WorkerProcess
+    from FewShotSegmentSlicer.WorkerProcess import SubprocessWorker
+
+    for protocol, implementations in ((FewShotLogicProtocol, [fss.FewShotSegmentLogic]),
+                                      (WorkerProcess, [SubprocessWorker, fake_worker.FakeWorker])):
+        methods = {name: member for name, member in vars(protocol).items()
+                   if callable(member) and not name.startswith("_")}
+        assert methods, protocol
+        for implementation in implementations:
+            for name, member in methods.items():
+                assert hasattr(implementation, name), f"{implementation.__name__} lacks {name}"
+                wanted = [p for p in inspect.signature(member).parameters if p != "self"]
+                offered = list(inspect.signature(getattr(implementation, name)).parameters)
+                assert set(wanted) <= set(offered), (implementation.__name__, name, wanted, offered)
