@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ADAPTERS, AXES, DEVICES, REFINEMENTS, PipelineConfig
+from .config import ADAPTERS, ANATOMICAL_AXES, AXES, DEVICES, REFINEMENTS, PipelineConfig
 from .errors import Cancelled, FewShotError, InputError
 
 
@@ -60,7 +60,9 @@ def _config_args(parser):
     g.add_argument("--feature-layer", choices=("preneck", "neck"), default="preneck")
     g.add_argument("--modality", choices=("auto", "ct", "mri"), default="auto")
     g.add_argument("--ct-window", default="abdomen", help="preset name or 'center,width' in HU")
-    g.add_argument("--axis", choices=AXES, default="axial")
+    g.add_argument("--axis", choices=AXES, default="auto",
+                   help="slices to propagate over; auto: the axis the template is painted along; "
+                        "stack: the volume's own slice axis (oblique stacks)")
     g.add_argument("--refine", choices=REFINEMENTS, default="box")
     g.add_argument("--sam-checkpoint", default="", help="segment-anything SAM weights for refinement")
     g.add_argument("--keep-components", type=int, default=0, help="components kept per label (0: by name)")
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", required=True, help="full reference label map")
     p.add_argument("--image", required=True, help="the volume the reference belongs to")
     p.add_argument("--labels", required=True, help="comma-separated label values, e.g. 5,1")
-    p.add_argument("--axis", choices=AXES, default="axial")
+    p.add_argument("--axis", choices=ANATOMICAL_AXES + ("stack",), default="axial")
     p.add_argument("--slices", type=int, default=1, help="number of template slices, spread over the first label")
     p.add_argument("--out", required=True, help="template file (.nrrd / .nii.gz)")
     p.add_argument("--overwrite", action="store_true")

@@ -7,7 +7,11 @@ from dataclasses import asdict, dataclass, field, fields
 from .errors import InputError
 
 ADAPTERS = ("basic", "classification", "contrastive")
-AXES = ("axial", "coronal", "sagittal")
+# "auto": the axis the template is painted along (the one on which it covers the fewest slices);
+# without a template, the adapter's; "stack": the volume's own slice (acquisition) axis, which is
+# what an oblique MRI stack (cardiac short axis, knee, shoulder) is painted in.
+ANATOMICAL_AXES = ("axial", "coronal", "sagittal")
+AXES = ("auto", "stack") + ANATOMICAL_AXES
 REFINEMENTS = ("none", "box", "points")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -28,7 +32,7 @@ class PipelineConfig:
     adapter: str = "contrastive"
     center_features: bool = False     # basic adapter: subtract the volume mean feature first
     threshold: float = 0.5            # basic adapter cosine threshold / contrastive min probability
-    axis: str = "axial"
+    axis: str = "auto"
     refine: str = "box"
     n_points: int = 10                # refine="points": random positive points per component
     sam_checkpoint: str = ""          # refine with segment-anything SAM ViT instead of LiteMedSAM
@@ -40,6 +44,18 @@ class PipelineConfig:
     epochs: int = 60                  # classification adapter: passes over the training pixels
     steps: int = 1500                 # contrastive adapter: pair batches
     negative_margin_px: int = 0       # >0: background pixels this close to a RoI are not negatives
+    # ...and never closer than this fraction of the stroke's equivalent radius: the rim just outside
+    # an under-painted organ is organ, so it must not be taught as background
+    negative_margin_fraction: float = 0.15
+    # adapter probabilities are averaged with the neighbouring slices' (Gaussian weights, sigma in
+    # mm) before each pixel's decision, so the result is consistent across slices; 0 disables
+    smooth_across_mm: float = 3.0
+    # final labels are smoothed in 3D (Gaussian of each label's mask, sigma in mm, then the most
+    # covered label wins, as Slicer's joint smoothing); 0 disables
+    smooth_final_mm: float = 0.0
+    # a label is refined only if SAM, prompted on the painted slices, reproduces the painting with
+    # at least this Dice (a ring or a nested structure is not: SAM fills it)
+    refine_min_dice: float = 0.75
     samples_per_label: int = 2000     # training pixels per label per template slice
     batch_size: int = 4               # slices per encoder batch
     cache_dir: str = ""               # feature cache; "" disables

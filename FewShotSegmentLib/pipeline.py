@@ -16,17 +16,18 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from . import __version__
 from .adapters import Adapter, adapter_from_state, create_adapter, sample_training_pixels
 from .backbones import Backbone, build_backbone, pick_device
-from .config import PipelineConfig
+from .config import ANATOMICAL_AXES, PipelineConfig
 from .errors import Cancelled, CheckpointError, InputError
-from .features import VolumeFeatures, encode_volume, slices_along, volume_from_slices
+from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, volume_from_slices
 from .landmarks import landmarks_from_label_map
 from .postprocess import clean_label_map, default_keep
 from .preprocessing import normalize_volume
-from .refine import refine_label_slices
+from .refine import refinement_agreement, refine_label_slices
 
 MODEL_FORMAT = "fewshotsegment-adapter"
 CANONICAL = "LPS"
@@ -106,6 +107,16 @@ class PreparedVolume:
     axis: str
     seconds: float
 
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Voxel size (mm) of the canonical volume's (z, y, x) array axes."""
+        return tuple(_to_canonical(self.image).GetSpacing()[::-1])
+
+    @property
+    def slice_spacing_mm(self) -> float:
+        """Distance between neighbouring slices along the propagation axis."""
+        return float(self.spacing_zyx[AXIS_INDEX[self.axis]])
+
     def to_slices(self, image_like: sitk.Image) -> np.ndarray:
         """A label image on the input grid -> (N, H, W) array aligned with slices01."""
         return slices_along(sitk.GetArrayFromImage(_to_canonical(image_like)), self.axis)
@@ -127,6 +138,35 @@ def _to_canonical(image: sitk.Image) -> sitk.Image:
     return sitk.DICOMOrient(image, CANONICAL)
 
 
+def stack_axis(image: sitk.Image) -> str:
+    """The anatomical name of the canonical axis that the image's own slice axis (its third index
+    axis, the acquisition stack) becomes: the plane a clinician scrolls through and paints in."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)   # columns: index axes i, j, k in LPS
+    world = int(np.argmax(np.abs(direction[:, 2])))             # 0 L-R, 1 P-A, 2 S-I
+    return ("sagittal", "coronal", "axial")[world]
+
+
+def resolve_axis(axis: str, image: sitk.Image, template: sitk.Image | None = None) -> str:
+    """'axial' / 'coronal' / 'sagittal' for a configured axis. 'auto' is the axis the template is
+    painted along (it covers the fewest slices along it; ties go to the stack axis), or the stack
+    axis without a template; 'stack' is always the stack axis."""
+    if axis in ANATOMICAL_AXES:
+        return axis
+    stack = stack_axis(image)
+    if axis == "stack" or template is None:
+        return stack
+    painted = sitk.GetArrayViewFromImage(_to_canonical(template)) != 0
+    counts = {name: int(painted.any(axis=tuple(a for a in range(3) if a != AXIS_INDEX[name])).sum())
+              for name in ANATOMICAL_AXES}
+    fewest = min(counts.values())
+    return next(name for name in (stack,) + ANATOMICAL_AXES if counts[name] == fewest)
+
+
+def resolved(config: PipelineConfig, image: sitk.Image, template: sitk.Image | None = None) -> PipelineConfig:
+    """A copy of ``config`` whose axis is an anatomical one (see resolve_axis)."""
+    return PipelineConfig.from_dict({**config.to_dict(), "axis": resolve_axis(config.axis, image, template)})
+
+
 def check_image(image: sitk.Image) -> None:
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"need a 3D scalar image, got {image.GetDimension()}D with "
@@ -142,14 +182,17 @@ def build_backbone_for(config: PipelineConfig) -> Backbone:
 
 def prepare_volume(image: sitk.Image, config: PipelineConfig, backbone: Backbone, progress: Progress = _noop,
                    cancel: Callable[[], bool] | None = None, progress_range=(0.0, 0.55)) -> PreparedVolume:
+    """``config.axis`` 'auto' without a template means the stack axis: resolve it first (see
+    ``resolved``) when a template decides."""
     check_image(image)
     start = time.perf_counter()
+    axis = resolve_axis(config.axis, image)
     canonical = _to_canonical(image)
     volume = normalize_volume(sitk.GetArrayFromImage(canonical), config.modality, config.ct_window)
-    slices = slices_along(volume, config.axis)
+    slices = slices_along(volume, axis)
     features = encode_volume(slices, backbone, batch_size=config.batch_size, cache_dir=config.cache_dir,
                              progress=progress, cancel=cancel, progress_range=progress_range)
-    return PreparedVolume(image, slices, features, config.axis, time.perf_counter() - start)
+    return PreparedVolume(image, slices, features, axis, time.perf_counter() - start)
 
 
 def template_labels(template: sitk.Image, image: sitk.Image, labels: dict | None) -> tuple[list[int], dict[int, dict]]:
@@ -180,6 +223,7 @@ def template_labels(template: sitk.Image, image: sitk.Image, labels: dict | None
 def train(prepared: PreparedVolume, template: sitk.Image, config: PipelineConfig, labels: dict | None = None,
           backbone_id: str = "", progress: Progress = _noop) -> TrainedModel:
     values, meta = template_labels(template, prepared.image, labels)
+    config = PipelineConfig.from_dict({**config.to_dict(), "axis": prepared.axis})
     index_map = _to_index(prepared.to_slices(template), values)
     template_slices = [i for i in range(len(index_map)) if index_map[i].any()]
     present = set(np.unique(index_map[template_slices]).tolist()) - {0}
@@ -187,7 +231,7 @@ def train(prepared: PreparedVolume, template: sitk.Image, config: PipelineConfig
         raise InputError("a label has no template pixels along the chosen axis")
     rng = np.random.default_rng(config.seed)
     pixels = sample_training_pixels(prepared.features, index_map, template_slices, config.samples_per_label,
-                                    config.negative_margin_px, rng)
+                                    config.negative_margin_px, rng, config.negative_margin_fraction)
     options = {"basic": dict(threshold=config.threshold, center_features=config.center_features),
                "classification": dict(epochs=config.epochs),
                "contrastive": dict(steps=config.steps, threshold=config.threshold)}[config.adapter]
@@ -204,34 +248,91 @@ def _to_index(stack: np.ndarray, values: list[int]) -> np.ndarray:
     return index
 
 
+def neighbour_weights(sigma_mm: float, spacing_mm: float) -> np.ndarray:
+    """Gaussian weights over neighbouring slices (odd length, centre first slice's own), for a
+    sigma in mm; a single 1 when the slices are too far apart for it to matter."""
+    sigma = sigma_mm / max(spacing_mm, 1e-6)
+    radius = min(3, int(np.ceil(2 * sigma))) if sigma >= 0.3 else 0
+    offsets = np.arange(-radius, radius + 1)
+    return np.exp(-0.5 * (offsets / max(sigma, 1e-6)) ** 2)
+
+
+def upsample_scores(scores: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
+    """(C, H', W') scores sampled at pixels 0, s, 2s, ... -> (C, H, W) on every pixel.
+
+    The samples sit ON pixels (features.VolumeFeatures.dense), so this interpolates between sample
+    positions (align_corners=True onto the (H'-1)s+1 pixels they span) and repeats the last sample
+    over the < s pixels beyond it; cell-centre interpolation would move masks by (s-1)/2 pixels."""
+    if stride == 1:
+        return scores
+    h, w = size
+    hh, ww = scores.shape[1:]
+    span = ((hh - 1) * stride + 1, (ww - 1) * stride + 1)
+    up = F.interpolate(scores[None], size=span, mode="bilinear", align_corners=True) if hh > 1 and ww > 1 \
+        else F.interpolate(scores[None], size=span, mode="nearest")
+    return F.pad(up, (0, w - span[1], 0, h - span[0]), mode="replicate")[0]
+
+
 def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progress = _noop,
                  cancel: Callable[[], bool] | None = None) -> np.ndarray:
-    """(N, H, W) adapter class per pixel (0 background, k = k-th label)."""
+    """(N, H, W) adapter class per pixel (0 background, k = k-th label).
+
+    Each slice's class probabilities are averaged with its neighbours' (``smooth_across_mm``)
+    before the decision, so an organ's outline does not jump from slice to slice. Only the
+    window of neighbouring slices is held in memory."""
     features = prepared.features
+    n = len(features)
     h, w = features.slice_shape
     # Feature cells are 4 / scale pixels (LiteMedSAM); scoring every pixel of a cell several times
     # adds nothing, so score on a grid of about half a cell and interpolate the scores.
     stride = max(1, int(round(features.frame[0] / features.features.shape[2] / features.scale / 2)))
-    out = np.zeros((len(features), h, w), np.uint8)
-    for i in range(len(features)):
-        if cancel and cancel():
-            raise Cancelled("cancelled while propagating")
-        scores = model.adapter.score_slice(features, i, stride)
-        if stride > 1:
-            scores = F.interpolate(scores[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        out[i] = scores.argmax(0).numpy()
-        progress((i + 1) / len(features), "propagate", f"slice {i + 1}/{len(features)}")
+    weights = neighbour_weights(model.config.smooth_across_mm, prepared.slice_spacing_mm)
+    radius = len(weights) // 2
+    window: dict[int, torch.Tensor] = {}
+    out = np.zeros((n, h, w), np.uint8)
+    for i in range(n + radius):
+        if i < n:
+            if cancel and cancel():
+                raise Cancelled("cancelled while propagating")
+            window[i] = model.adapter.score_slice(features, i, stride)
+        j = i - radius                      # the slice whose neighbours are all scored now
+        if j < 0:
+            continue
+        near = [(weights[d + radius], window[j + d]) for d in range(-radius, radius + 1) if 0 <= j + d < n]
+        scores = sum(float(wt) * sc for wt, sc in near) / sum(float(wt) for wt, _ in near)
+        out[j] = upsample_scores(scores, (h, w), stride).argmax(0).numpy()
+        window.pop(j - radius, None)
+        progress((j + 1) / n, "propagate", f"slice {j + 1}/{n}")
     return out
+
+
+def painted_slices(seeds: np.ndarray | None) -> list[int]:
+    return [] if seeds is None else [int(i) for i in np.flatnonzero(seeds.reshape(len(seeds), -1).any(1))]
+
+
+def _paint(index: np.ndarray, seeds: np.ndarray | None, painted: list[int]) -> np.ndarray:
+    """The painting is the truth: painted slices come back exactly as painted (a label left
+    unpainted on a painted slice is absent there)."""
+    if painted:
+        index[painted] = seeds[painted]
+    return index
 
 
 def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image | None = None,
             progress: Progress = _noop, cancel: Callable[[], bool] | None = None,
             keep_stages: bool = False) -> Prediction:
-    """Label every slice of ``prepared``; ``template`` (same image) seeds the component clean-up."""
+    """Label every slice of ``prepared``; ``template`` (same image) seeds the component clean-up,
+    decides which labels SAM may refine, and is copied onto its painted slices."""
     config = model.config
+    if config.axis in ANATOMICAL_AXES and config.axis != prepared.axis:
+        raise InputError(f"the adapter propagates along {config.axis} slices, the volume was prepared "
+                         f"along {prepared.axis}")
     timings = {"encode_s": prepared.seconds}
     start = time.perf_counter()
-    index = score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel)
+    seeds = None if template is None else _to_index(prepared.to_slices(template), model.label_values)
+    painted = painted_slices(seeds)
+    index = _paint(score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel),
+                   seeds, painted)
     timings["propagate_s"] = time.perf_counter() - start
     values = np.array([0] + model.label_values, dtype=np.uint16)
     stages = {}
@@ -239,27 +340,58 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
         stages["adapter"] = prepared.from_slices(values[index])
     keep = {k: config.keep_components or default_keep(model.labels[v]["name"])
             for k, v in enumerate(model.label_values, start=1)}
-    seeds = None if template is None else _to_index(prepared.to_slices(template), model.label_values)
-    index = _clean(index, seeds, keep, config.min_component_voxels, config.axis)
+    index = _paint(_clean(index, seeds, keep, config.min_component_voxels, prepared.axis), seeds, painted)
     if keep_stages:
         stages["components"] = prepared.from_slices(values[index])
+    refinement = {}
     if config.refine != "none":
         start = time.perf_counter()
+        device = pick_device(config.device)
+        refine_values = None
+        if painted:
+            agreement = refinement_agreement(seeds, painted, prepared.features, prepared.slices01, config.refine,
+                                             config.n_points, config.seed, config.sam_checkpoint, device)
+            refine_values = [k for k, d in agreement.items() if d >= config.refine_min_dice]
+            refinement = {model.labels[model.label_values[k - 1]]["name"]:
+                          {"painting_dice": round(d, 4), "refined": d >= config.refine_min_dice}
+                          for k, d in sorted(agreement.items())}
         index = refine_label_slices(index, prepared.features, prepared.slices01, config.refine, config.n_points,
-                                    config.seed, config.sam_checkpoint, pick_device(config.device),
-                                    lambda f, m: progress(0.8 + 0.18 * f, "refine", m), cancel)
-        index = _clean(index, seeds, keep, config.min_component_voxels, config.axis)
+                                    config.seed, config.sam_checkpoint, device,
+                                    lambda f, m: progress(0.8 + 0.15 * f, "refine", m), cancel,
+                                    refine_values=refine_values, skip_slices=painted)
+        index = _paint(_clean(index, seeds, keep, config.min_component_voxels, prepared.axis), seeds, painted)
         timings["refine_s"] = time.perf_counter() - start
+        if keep_stages:
+            stages["refined"] = prepared.from_slices(values[index])
+    if config.smooth_final_mm > 0:
+        index = _paint(_smooth_labels(index, config.smooth_final_mm, prepared), seeds, painted)
     label_image = prepared.from_slices(values[index])
     landmarks = landmarks_from_label_map(label_image, model.labels) if config.landmarks else []
     counts = {model.labels[v]["name"]: int((values[index] == v).sum()) for v in model.label_values}
     missing = [name for name, n in counts.items() if n == 0]
-    summary = {"voxels": counts, "not_found": missing, "timings": timings,
+    summary = {"voxels": counts, "not_found": missing, "timings": timings, "axis": prepared.axis,
+               "painted_slices": painted, "refinement": refinement,
                "landmarks": [{"label": p["label"], "position_lps": list(p["position"])} for p in landmarks]}
     progress(1.0, "done", "segmentation finished" + (f"; not found: {missing}" if missing else ""))
     if keep_stages:
-        stages["refined" if config.refine != "none" else "final"] = label_image
+        stages["final"] = label_image
     return Prediction(label_image, landmarks, summary, stages)
+
+
+def _smooth_labels(index: np.ndarray, sigma_mm: float, prepared: PreparedVolume) -> np.ndarray:
+    """Joint 3D smoothing: each label's mask (and the background) blurred with a Gaussian of
+    ``sigma_mm`` (per-axis in voxels from the spacing), then every voxel takes the most covered."""
+    volume = volume_from_slices(index, prepared.axis)
+    sigma = [sigma_mm / s for s in prepared.spacing_zyx]
+    present = np.unique(volume)
+    best = np.zeros(volume.shape, np.float32)
+    result = np.zeros_like(volume)
+    for value in present:
+        blurred = ndimage.gaussian_filter((volume == value).astype(np.float32), sigma)
+        win = blurred > best
+        result[win] = value
+        best[win] = blurred[win]
+    return np.ascontiguousarray(slices_along(result, prepared.axis))
 
 
 def _clean(index, seeds, keep, min_voxels, axis):
@@ -272,8 +404,8 @@ def _clean(index, seeds, keep, min_voxels, axis):
 def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels: dict | None = None,
         progress: Progress = _noop, cancel: Callable[[], bool] | None = None) -> tuple[TrainedModel, Prediction]:
     """Train on the template slices of ``image`` and label the rest of the same image."""
-    config.validate()
     template_labels(template, image, labels)  # fail on a bad template before the slow encoding
+    config = resolved(config.validate(), image, template)
     backbone = build_backbone_for(config)
     prepared = prepare_volume(image, config, backbone, progress, cancel)
     start = time.perf_counter()
@@ -286,7 +418,7 @@ def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels:
 
 # Settings that act after the adapter and may differ from training when applying a saved adapter.
 RUNTIME_FIELDS = ("device", "cache_dir", "batch_size", "refine", "n_points", "sam_checkpoint", "landmarks",
-                  "keep_components", "min_component_voxels")
+                  "keep_components", "min_component_voxels", "smooth_across_mm", "smooth_final_mm")
 
 
 def predict(model: TrainedModel, image: sitk.Image, progress: Progress = _noop,

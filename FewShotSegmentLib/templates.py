@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from . import io
 from .errors import InputError
@@ -36,7 +37,10 @@ def make_template(reference: np.ndarray, values: list[int], axis: int, slices: l
 
 
 def canonical_axis(image: sitk.Image, axis_name: str) -> int:
-    """Array axis (z, y, x order) of ``image`` that is the named anatomical axis, from its direction."""
+    """Array axis (z, y, x order) of ``image`` that is the named anatomical axis, from its direction
+    ("stack": the image's own slice axis, array axis 0)."""
+    if axis_name == "stack":
+        return 0
     direction = np.array(image.GetDirection()).reshape(3, 3)   # columns: index axes i, j, k in LPS
     world = {"axial": 2, "coronal": 1, "sagittal": 0}[axis_name]
     index_axis = int(np.argmax(np.abs(direction[world, :])))   # which of i, j, k runs along it
@@ -53,3 +57,48 @@ def make_template_file(reference_path, image_path, values, axis_name, count, out
     template.CopyInformation(reference_img)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     return io.write_image(template, out, overwrite)
+
+
+def under_paint(template: np.ndarray, axis: int, slices: list[int], keep: float = 0.8) -> np.ndarray:
+    """A hurried painting: on each painted slice, only the ``keep`` fraction of each label's
+    cross-section that lies deepest inside it (a distance-transform threshold, i.e. the reference
+    eroded until that fraction is left)."""
+    out = template.copy()
+    for index in slices:
+        plane = np.take(out, index, axis=axis)            # a copy; written back below
+        for value in np.unique(plane[plane > 0]):
+            mask = plane == value
+            depth = ndimage.distance_transform_edt(mask)
+            plane[mask & (depth <= np.quantile(depth[mask], 1.0 - keep))] = 0
+        _put(out, axis, index, plane)
+    return out
+
+
+def split_rim(reference: np.ndarray, value: int, rim_value: int, axis: int, width_px: float = 4.0) -> np.ndarray:
+    """A nested pair of labels made from one organ: its pixels within ``width_px`` of its border on
+    each slice along ``axis`` become ``rim_value`` (a ring, like a wall around a lumen or a
+    myocardium around a blood pool), the rest keeps ``value`` (the core)."""
+    out = reference.copy()
+    organ = reference == value
+    for index in np.flatnonzero(organ.any(axis=tuple(a for a in range(3) if a != axis))):
+        mask = np.take(organ, index, axis=axis)
+        plane = np.take(out, index, axis=axis)
+        plane[mask & (ndimage.distance_transform_edt(mask) <= width_px)] = rim_value
+        _put(out, axis, index, plane)
+    return out
+
+
+def oblique_copy(image: sitk.Image, degrees: float = 60.0) -> sitk.Image:
+    """The same voxels with direction cosines rotated about the left-right axis: an oblique stack
+    (as cardiac short-axis, knee or shoulder MRI are acquired)."""
+    angle = np.radians(degrees)
+    rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    out = sitk.Image(image)
+    out.SetDirection(tuple((rotation @ np.array(image.GetDirection()).reshape(3, 3)).ravel()))
+    return out
+
+
+def _put(volume: np.ndarray, axis: int, index: int, plane: np.ndarray) -> None:
+    where = [slice(None)] * 3
+    where[axis] = index
+    volume[tuple(where)] = plane

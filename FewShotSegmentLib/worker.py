@@ -50,6 +50,7 @@ def execute(job: dict, progress: pipeline.Progress = pipeline._noop,
         if task == "train":
             backbone = pipeline.build_backbone_for(config.validate())
             pipeline.template_labels(template, image, labels)
+            config = pipeline.resolved(config, image, template)
             prepared = pipeline.prepare_volume(image, config, backbone, progress, cancel)
             model = pipeline.train(prepared, template, config, labels, backbone.id)
             prediction = None

@@ -14,7 +14,7 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 
 BACKBONES = ("litemedsam", "dinov2", "checkpoint")
 ADAPTERS = ("basic", "classification", "contrastive")
-AXES = ("axial", "coronal", "sagittal")
+AXES = ("auto", "stack", "axial", "coronal", "sagittal")
 REFINEMENTS = ("none", "box", "points")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 MODALITIES = ("auto", "ct", "mri")
@@ -33,7 +33,7 @@ class FewShotSegmentParameterNode:
     backbone: Annotated[str, Choice(list(BACKBONES))] = "litemedsam"
     checkpoint: Path = Path("")
     adapter: Annotated[str, Choice(list(ADAPTERS))] = "contrastive"
-    axis: Annotated[str, Choice(list(AXES))] = "axial"
+    axis: Annotated[str, Choice(list(AXES))] = "auto"
     refine: Annotated[str, Choice(list(REFINEMENTS))] = "box"
     sam_checkpoint: Path = Path("")
     device: Annotated[str, Choice(list(DEVICES))] = "auto"

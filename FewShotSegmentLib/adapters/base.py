@@ -25,28 +25,35 @@ class TrainingPixels:
 
 def sample_training_pixels(features: VolumeFeatures, template: np.ndarray, template_slices: list[int],
                            samples_per_label: int, negative_margin_px: int = 0,
-                           rng: np.random.Generator | None = None) -> TrainingPixels:
+                           rng: np.random.Generator | None = None,
+                           negative_margin_fraction: float = 0.0) -> TrainingPixels:
     """Sample pixels of every label and a balanced set of background pixels on each template slice.
 
     template: (N, H, W) label indices along the propagation axis (0 background, 1..K labels).
-    Background is half 'anywhere outside the RoIs' and half from a ring around them (the hard
-    negatives that decide where a boundary lies); with ``negative_margin_px`` > 0, background
-    pixels closer than that to a RoI are not used (the paper's negatives >= 10 px away).
+    Background is half 'anywhere outside the RoIs' and half from a 15-px ring around them (the hard
+    negatives that decide where a boundary lies). Pixels closer to a stroke than its margin are not
+    used as negatives: the margin is ``negative_margin_px`` (the paper's negatives >= 10 px away)
+    or ``negative_margin_fraction`` of the stroke's equivalent radius, whichever is larger, so an
+    organ painted a little inside its border does not teach "organ rim = background".
     """
     rng = rng or np.random.default_rng(0)
     feats, labels = [], []
     for index in template_slices:
         plane = template[index]
         present = [k for k in np.unique(plane) if k > 0]
+        # distance beyond the nearest stroke's margin (negative: inside a margin)
+        beyond = np.full(plane.shape, np.inf)
         for k in present:
-            rows, cols = np.nonzero(plane == k)
+            mask = plane == k
+            rows, cols = np.nonzero(mask)
             pick = rng.choice(len(rows), size=min(samples_per_label, len(rows)), replace=False)
             feats.append(features.sample(index, rows[pick], cols[pick]))
             labels.append(np.full(len(pick), k))
-        outside = plane == 0
-        distance = ndimage.distance_transform_edt(outside)
-        allowed = outside & (distance >= max(negative_margin_px, 1))
-        ring = allowed & (distance <= max(negative_margin_px, 0) + 15)
+            radius = np.sqrt(len(rows) / np.pi)
+            margin = max(negative_margin_px, 1, int(np.ceil(negative_margin_fraction * radius)))
+            beyond = np.minimum(beyond, ndimage.distance_transform_edt(~mask) - margin)
+        allowed = (plane == 0) & (beyond >= 0)
+        ring = allowed & (beyond <= 15)
         n_background = samples_per_label * max(1, len(present))
         for pool, share in ((allowed, 0.5), (ring, 0.5)):
             rows, cols = np.nonzero(pool)
