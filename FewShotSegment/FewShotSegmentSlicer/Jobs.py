@@ -42,6 +42,7 @@ class FewShotResult:
     """What a finished job added to or updated in the scene (nodes are None when not produced)."""
     segmentationNode: object = None
     landmarksNode: object = None
+    uncertaintyNode: object = None  # preview only: 0..255 per voxel, where the method hesitates
     modelPath: str = ""
     templateHash: str = ""          # fingerprint of the painting the model was trained on
     summary: dict = field(default_factory=dict)

@@ -294,7 +294,7 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
                 result.summary = json.loads(summaryPath.read_text())
             except ValueError:
                 result.summary = {}
-        result.suggestedSlices = Preview.readSuggestedSlices(outputPath("suggested_slices", "suggested_slices.json"))
+        result.suggestedSlices = Preview.readSuggestedSlices(outputPath("suggestions", "suggested_slices.json"))
         labels = list(job.labels or [])
         if not labels and outputPath("segmentation") is not None:
             labels = MrmlConversion.labelsFromSegFile(outputPath("segmentation"))
@@ -311,6 +311,7 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
                     landmarks = self.importLandmarks(landmarksPath, job.inputVolume, f"{job.outputName} landmarks")
                 if job.preview:
                     segmentation, landmarks = self._updatePreview(job, segmentation, landmarks)
+                    result.uncertaintyNode = guard.keep(self._updateUncertainty(job, outputPath("uncertainty")))
                 result.segmentationNode = guard.keep(segmentation)
                 result.landmarksNode = guard.keep(landmarks)
             modelPath = outputPath("model")
@@ -343,6 +344,17 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
                 Preview.enableUndo(landmarks)
         return segmentation, landmarks
 
+    def _updateUncertainty(self, job, path):
+        """The worker's uncertainty map into the preview's uncertainty volume (updated in place)."""
+        if path is None or not path.is_file():
+            return None
+        loaded = MrmlConversion.importVolume(path, job.inputVolume, f"{job.inputVolume.GetName()} few-shot uncertainty")
+        existing = job.parameterNode.previewUncertainty if job.parameterNode is not None else None
+        if existing is None or slicer.mrmlScene.GetNodeByID(existing.GetID()) is None:
+            return loaded
+        MrmlConversion.replaceVolumeContent(existing, loaded)
+        return existing  # `loaded` is not kept: the SceneGuard removes it
+
     def _recordInParameterNode(self, job: FewShotJob):
         pn, result = getattr(job, "parameterNode", None), job.result
         if pn is None:
@@ -354,6 +366,8 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
             pn.previewSegmentation = result.segmentationNode
             if result.landmarksNode is not None:
                 pn.previewLandmarks = result.landmarksNode
+            if result.uncertaintyNode is not None:
+                pn.previewUncertainty = result.uncertaintyNode
 
     def cancel(self, job: FewShotJob = None) -> bool:
         """Stop the running job and drop pending batch volumes. Returns at once: the process is
@@ -467,16 +481,9 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
         return self._removePreview(parameterNode, undoStep=True)
 
     def _removePreview(self, pn, undoStep) -> bool:
-        nodes = (pn.previewSegmentation, pn.previewLandmarks)
-        if not undoStep:
-            for node in nodes:
-                if node is not None and slicer.mrmlScene.GetNodeByID(node.GetID()) is not None:
-                    slicer.mrmlScene.RemoveNode(node)
-            removed = True
-        else:
-            removed = Preview.discard(*nodes)
-        pn.previewSegmentation = None
-        pn.previewLandmarks = None
+        removed = Preview.discard(pn.previewSegmentation, pn.previewLandmarks, pn.previewUncertainty,
+                                  undoStep=undoStep)
+        pn.previewSegmentation = pn.previewLandmarks = pn.previewUncertainty = None
         return removed
 
     setSegmentFinished = staticmethod(Preview.setFinished)

@@ -189,6 +189,29 @@ def importLandmarks(path, referenceVolume, name):
     return node
 
 
+def importVolume(path, referenceVolume, name):
+    """Read a volume file (e.g. the worker's uncertainty map) into a NEW scalar volume node that
+    follows the reference volume's parent transform; no storage node points at the file."""
+    scene = slicer.mrmlScene
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node) or node.GetImageData() is None:
+        raise OSError(f"could not read the volume {path}")
+    node.CreateDefaultDisplayNodes()
+    node.SetAndObserveTransformNodeID(referenceVolume.GetTransformNodeID())
+    return node
+
+
+def replaceVolumeContent(targetNode, sourceNode):
+    """Give targetNode sourceNode's voxels and geometry (the node and its display stay)."""
+    ijkToRAS = vtk.vtkMatrix4x4()
+    sourceNode.GetIJKToRASMatrix(ijkToRAS)
+    targetNode.SetIJKToRASMatrix(ijkToRAS)
+    targetNode.SetAndObserveImageData(sourceNode.GetImageData())
+    targetNode.SetAndObserveTransformNodeID(sourceNode.GetTransformNodeID())
+
+
 def replaceSegments(targetNode, sourceNode):
     """Make targetNode hold exactly sourceNode's segments (IDs, metadata, voxels); the node itself,
     its ID and display node stay, so views and selectors keep showing it."""

@@ -53,6 +53,7 @@ class FewShotSegmentParameterNode:
     # the preview of the last propagation (updated in place) and where Accept copies it
     previewSegmentation: vtkMRMLSegmentationNode
     previewLandmarks: vtkMRMLMarkupsFiducialNode
+    previewUncertainty: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     outputLandmarks: vtkMRMLMarkupsFiducialNode
 

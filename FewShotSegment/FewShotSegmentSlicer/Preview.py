@@ -117,21 +117,29 @@ def _acceptLandmarks(previewLandmarks, targetLandmarks, name, keepLabels):
     return targetLandmarks
 
 
-def discard(*nodes) -> bool:
-    """Remove the preview nodes from the scene (one undo step). False when there was nothing."""
+def discard(*nodes, undoStep=True) -> bool:
+    """Remove the preview nodes and their display nodes from the scene (one undo step). False when
+    there was nothing."""
     scene = slicer.mrmlScene
     present = [n for n in nodes if n is not None and scene.GetNodeByID(n.GetID()) is not None]
     if not present:
         return False
-    saveUndoState(scene)
+    if undoStep:
+        saveUndoState(scene)
     for node in present:
+        displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
         scene.RemoveNode(node)
+        for display in displays:
+            if display is not None and scene.GetNodeByID(display.GetID()) is not None:
+                scene.RemoveNode(display)
     return True
 
 
 def readSuggestedSlices(path) -> list:
-    """The library's suggested_slices.json ([{"slice": int, "axis": str, "score": float}, ...]);
-    [] when absent or unreadable (a missing suggestion never stops a result from loading)."""
+    """The worker's suggested_slices.json, best first, as [{"slice", "axis", "score", ...}]: either
+    {"axis": str, "slices": [{"index", "position_lps", "score", "labels"}]} (FewShotSegmentLib) or a
+    plain list of {"slice", "axis", "score"}. [] when absent or unreadable (a missing suggestion never
+    stops a result from loading); malformed entries are skipped."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -140,17 +148,38 @@ def readSuggestedSlices(path) -> list:
     except (OSError, ValueError) as exc:
         logging.warning(f"FewShotSegment: ignoring unreadable {path.name}: {exc}")
         return []
+    defaultAxis = data.get("axis", "axial") if isinstance(data, dict) else "axial"
     entries = data.get("slices", []) if isinstance(data, dict) else data
     suggestions = []
     for entry in entries if isinstance(entries, list) else []:
-        if isinstance(entry, dict) and isinstance(entry.get("slice"), int) and entry.get("axis", "axial") in AXIS_INDEX:
-            suggestions.append({"slice": entry["slice"], "axis": entry.get("axis", "axial"),
-                                "score": float(entry.get("score", 0.0))})
+        if not isinstance(entry, dict):
+            continue
+        index, axis = entry.get("slice", entry.get("index")), entry.get("axis", defaultAxis)
+        if not isinstance(index, int) or axis not in AXIS_INDEX:
+            continue
+        suggestion = {"slice": index, "axis": axis, "score": float(entry.get("score", 0.0))}
+        position = entry.get("position_lps")
+        if isinstance(position, list) and len(position) == 3 and all(isinstance(v, (int, float)) for v in position):
+            suggestion["position_lps"] = [float(v) for v in position]
+        if isinstance(entry.get("labels"), list):
+            suggestion["labels"] = [str(label) for label in entry["labels"]]
+        suggestions.append(suggestion)
     return suggestions
 
 
+# normal of the anatomical planes in RAS: the library names its axes on the canonical volume
+ANATOMICAL_NORMAL = {"axial": (0.0, 0.0, 1.0), "coronal": (0.0, 1.0, 0.0), "sagittal": (1.0, 0.0, 0.0)}
+
+
 def suggestedSliceRAS(volumeNode, suggestion) -> tuple:
-    """(RAS point at the centre of the suggested slice, RAS direction of the volume axis it cuts)."""
+    """(RAS point on the suggested slice, RAS normal of that slice). The library gives the slice's
+    centre in LPS (position_lps, in the volume's own coordinates); without it the index is taken
+    along the volume's IJK axis matching the axis name."""
+    transformToWorld = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volumeNode.GetParentTransformNode(), None, transformToWorld)
+    if "position_lps" in suggestion:
+        x, y, z = suggestion["position_lps"]
+        return tuple(transformToWorld.TransformPoint([-x, -y, z])), ANATOMICAL_NORMAL[suggestion["axis"]]
     dims = volumeNode.GetImageData().GetDimensions()
     axis = AXIS_INDEX[suggestion.get("axis", "axial")]
     index = min(max(int(suggestion["slice"]), 0), dims[axis] - 1)
@@ -158,8 +187,6 @@ def suggestedSliceRAS(volumeNode, suggestion) -> tuple:
     ijk[axis] = index
     ijkToRAS = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(ijkToRAS)
-    transformToWorld = vtk.vtkGeneralTransform()
-    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volumeNode.GetParentTransformNode(), None, transformToWorld)
     ras = transformToWorld.TransformPoint(ijkToRAS.MultiplyPoint(ijk + [1.0])[:3])
     direction = [ijkToRAS.GetElement(row, axis) for row in range(3)]
     return tuple(ras), tuple(direction)

@@ -260,7 +260,8 @@ class FewShotSegmentPanel:
         self.suggestionIndex = (self.suggestionIndex + 1) % len(self.suggestions)
         suggestion = self.suggestions[self.suggestionIndex]
         self.logic.jumpToSuggestedSlice(self.parameterNode.inputVolume, suggestion)
-        self._showStatus(f"Suggested slice {suggestion['slice']} ({suggestion['axis']}, score "
+        labels = f" for {', '.join(suggestion['labels'])}" if suggestion.get("labels") else ""
+        self._showStatus(f"Suggested slice {suggestion['slice']} ({suggestion['axis']}{labels}, score "
                          f"{suggestion['score']:.2f}), {self.suggestionIndex + 1} of {len(self.suggestions)}")
 
     def onSaveAdapter(self):
@@ -372,8 +373,9 @@ class FewShotSegmentPanel:
                              "is unchanged.")
             return
         self.suggestions, self.suggestionIndex = list(result.suggestedSlices or []), -1
-        if getattr(slicer, "app", None) is not None:
-            slicer.util.setSliceViewerLayers(background=job.inputVolume)
+        if getattr(slicer, "app", None) is not None:  # the uncertainty map, when there is one, on top
+            slicer.util.setSliceViewerLayers(background=job.inputVolume, foreground=result.uncertaintyNode,
+                                             foregroundOpacity=0.4 if result.uncertaintyNode else 0.0)
         how = "reused the trained adapter" if job.task == "predict" else "trained on the current painting"
         name = result.segmentationNode.GetName() if result.segmentationNode is not None else ""
         self._showStatus(f"Done in {elapsed:.0f} s ({how}): '{name}'. Accept or Discard the preview.")

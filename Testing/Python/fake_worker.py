@@ -14,7 +14,8 @@ import SimpleITK as sitk
 
 
 class FakeWorker:
-    def __init__(self, command, cwd, env, stderrPath, runs, pollsBeforeExit=2, suggest=None, hang=False):
+    def __init__(self, command, cwd, env, stderrPath, runs, pollsBeforeExit=2, suggest=None, hang=False,
+                 uncertainty=None):
         self.command, self.cwd, self.env = list(command), cwd, env
         self.pid = -1
         self.job = json.loads(Path(command[-1]).read_text())
@@ -24,6 +25,7 @@ class FakeWorker:
         self._lines = [json.dumps({"event": "started", "task": self.job["task"]}),
                        json.dumps({"event": "progress", "progress": 0.5, "stage": "adapter", "message": "training"})]
         self.suggest = suggest
+        self.uncertainty = uncertainty  # a value: uncertainty.nrrd holds it on every labelled voxel
         Path(stderrPath).write_text("")
         runs.append(self)
 
@@ -64,8 +66,14 @@ class FakeWorker:
                                     "controlPoints": points}]}
             (out / "landmarks.mrk.json").write_text(json.dumps(markups))
             outputs["landmarks"] = str(out / "landmarks.mrk.json")
-            if self.suggest is not None:
+            if self.uncertainty is not None:
+                doubt = sitk.GetImageFromArray(np.where(labels > 0, self.uncertainty, 0).astype(np.uint8))
+                doubt.CopyInformation(image)
+                sitk.WriteImage(doubt, str(out / "uncertainty.nrrd"))
+                outputs["uncertainty"] = str(out / "uncertainty.nrrd")
+            if self.suggest is not None:  # as the real worker: output key "suggestions"
                 (out / "suggested_slices.json").write_text(json.dumps(self.suggest))
+                outputs["suggestions"] = str(out / "suggested_slices.json")
         return outputs
 
     def poll(self):

@@ -148,6 +148,25 @@ def test_discard_removes_the_preview_and_undo_brings_it_back(scene, logic):
     assert scene.scene.GetNodeByID(previewId) is not None, "MRML undo did not restore the preview"
 
 
+def test_uncertainty_map_is_one_preview_volume_updated_in_place(scene, logic, runs):
+    pn = scene.pn
+    volumes = lambda: sorted(n.GetID() for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode", scene.scene))
+    logic.processFactory = fake_worker.factory(runs, uncertainty=10)
+    logic.propagate(pn, wait=True)
+    uncertainty = pn.previewUncertainty
+    assert uncertainty is not None and uncertainty.GetID() != scene.volume.GetID()
+    assert slicer.util.arrayFromVolume(uncertainty).max() == 10
+    after = volumes()
+    logic.processFactory = fake_worker.factory(runs, uncertainty=20)
+    logic.propagate(pn, wait=True)
+    assert pn.previewUncertainty.GetID() == uncertainty.GetID() and volumes() == after
+    assert slicer.util.arrayFromVolume(uncertainty).max() == 20
+    displayId = uncertainty.GetDisplayNodeID()
+    assert logic.discardPreview(pn)
+    assert scene.scene.GetNodeByID(uncertainty.GetID()) is None and scene.scene.GetNodeByID(displayId) is None
+    assert pn.previewUncertainty is None
+
+
 def test_suggested_slices_are_read_and_move_the_matching_slice_view(fss, scene, logic, runs):
     pn, volume = scene.pn, scene.volume
     suggestions = [{"slice": 7, "axis": "axial", "score": 0.9}, {"slice": 50, "axis": "sagittal", "score": 0.4}]
@@ -169,6 +188,27 @@ def test_suggested_slices_are_read_and_move_the_matching_slice_view(fss, scene, 
         offset = moved.GetSliceToRAS().GetElement(axis, 3)
         assert offset == pytest.approx(suggestion["slice"] * volume.GetSpacing()[axis], abs=1e-3), (view, offset)
     assert views["Green"].GetSliceToRAS().GetElement(1, 3) == 0.0  # the other view did not move
+
+
+def test_library_suggestions_move_the_view_to_their_lps_position(fss, scene, logic, runs):
+    """FewShotSegmentLib's format: {"axis", "slices": [{"index", "position_lps", "score", "labels"}]};
+    the index is on the library's canonical volume, so the view goes to position_lps."""
+    k = 9  # the synthetic volume: RAS = (1.5 i, 1.5 j, 2.5 k), so LPS of slice k's centre is below
+    suggestions = {"axis": "axial", "slices": [
+        {"index": k, "position_lps": [-48.0, -48.0, k * 2.5], "score": 12.5, "labels": ["blob"]},
+        {"index": "not a number", "score": 3.0}]}
+    logic.processFactory = fake_worker.factory(runs, suggest=suggestions)
+    result = logic.propagate(scene.pn, wait=True)
+    assert result.suggestedSlices == [{"slice": k, "axis": "axial", "score": 12.5,
+                                       "position_lps": [-48.0, -48.0, 22.5], "labels": ["blob"]}]
+    views = {}
+    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal")):
+        views[name] = scene.scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        views[name].SetLayoutName(name)
+        views[name].SetDefaultOrientation(orientation)
+        views[name].SetOrientation(orientation)
+    assert logic.jumpToSuggestedSlice(scene.volume, result.suggestedSlices[0]) is views["Red"]
+    assert views["Red"].GetSliceToRAS().GetElement(2, 3) == pytest.approx(22.5)
 
 
 def test_missing_or_malformed_suggestions_are_ignored(tmp_path):
