@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DATA   ?= ../shared/data
+# the CT ships with the module (Resources/SampleData), so a fresh clone runs the demo
+SAMPLE ?= FewShotSegment/Resources/SampleData
 OUT    ?= out/ct_demo
 
 .PHONY: setup demo test benchmark
@@ -15,11 +16,11 @@ setup:
 
 demo:
 	$(PY) -m FewShotSegmentLib.cli make-template --overwrite \
-	    --image $(DATA)/totalseg_ct/example_ct.nii.gz \
-	    --reference $(DATA)/totalseg_ct/example_seg_fast_force_split.nii.gz \
+	    --image $(SAMPLE)/example_ct.nii.gz \
+	    --reference $(SAMPLE)/example_seg_fast_force_split.nii.gz \
 	    --labels 5,1,2,3 --out $(OUT)/template.nrrd
 	$(PY) -m FewShotSegmentLib.cli run --overwrite \
-	    --image $(DATA)/totalseg_ct/example_ct.nii.gz --template $(OUT)/template.nrrd \
+	    --image $(SAMPLE)/example_ct.nii.gz --template $(OUT)/template.nrrd \
 	    --label 5=liver --label 1=spleen --label 2=kidney_right --label 3=kidney_left \
 	    --out $(OUT) --cache-dir .cache/features
 

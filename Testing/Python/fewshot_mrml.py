@@ -12,9 +12,10 @@ from unittest import mock
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = REPO.parent / "shared" / "data"
-CT = DATA / "totalseg_ct" / "example_ct.nii.gz"
-CT_REFERENCE = DATA / "totalseg_ct" / "example_seg_fast_force_split.nii.gz"
+# the CT and its reference labels ship with the module (Resources/SampleData): no ../shared needed
+SAMPLE_DATA = REPO / "FewShotSegment" / "Resources" / "SampleData"
+CT = SAMPLE_DATA / "example_ct.nii.gz"
+CT_REFERENCE = SAMPLE_DATA / "example_seg_fast_force_split.nii.gz"
 # label values of the reference map ("total" task of TotalSegmentator) and the template slice
 CT_LABELS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3}
 CT_COLORS = {"liver": (0.86, 0.55, 0.40), "spleen": (0.62, 0.31, 0.64),
@@ -35,7 +36,9 @@ sys.path[:0] = [str(REPO / "FewShotSegment"), str(REPO)]
 def installStandIns():
     import slicer
 
-    sys.modules.setdefault("qt", mock.MagicMock(name="qt"))
+    import qt_standins
+
+    qt_standins.install()
     sys.modules.setdefault("ctk", mock.MagicMock(name="ctk"))
 
     i18n = types.ModuleType("slicer.i18n")
@@ -160,7 +163,7 @@ def paintCtScene(scene, logics):
     import slicer
 
     if not CT.is_file():
-        raise FileNotFoundError(f"shared test data missing: {CT}")
+        raise FileNotFoundError(f"bundled sample CT missing: {CT}")
     volumes = logics["volumes"]
     volume = volumes.AddArchetypeVolume(str(CT), "example_ct")
     referenceNode = volumes.AddArchetypeVolume(str(CT_REFERENCE), "reference", 1)
