@@ -1,7 +1,9 @@
 """The job file contract between a client (the Slicer module's Logic, the CLI) and the worker.
 
 A job is one JSON file. The worker (``python -m FewShotSegmentLib.worker JOB.json``) reads it,
-runs it, writes its outputs into ``output_dir`` and prints one JSON object per line on stdout:
+runs it, writes its outputs into ``output_dir`` and prints one JSON object per line on stdout
+(the persistent worker, ``python -m FewShotSegmentLib.server``, takes the same job as a dict in a
+"run" command and adds the job's "id" to each of these events; see server.py):
 
     {"event": "progress", "progress": 0.42, "stage": "encode", "message": "slice 47/112"}
     {"event": "done", "outputs": {"labels": ".../labels.nrrd", ...}}
@@ -62,8 +64,13 @@ def read_job(path) -> dict:
         raise InputError(f"job file not found: {path}") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"job file {path} is not readable JSON: {exc}") from None
+    return validate_job(job, f"job file {path}")
+
+
+def validate_job(job, source: str = "job") -> dict:
+    """Check a job dict (from a file, or a server's "run" command); returns it unchanged."""
     if not isinstance(job, dict):
-        raise InputError(f"job file {path} must hold a JSON object")
+        raise InputError(f"{source} must hold a JSON object")
     task = job.get("task")
     if task not in TASKS:
         raise InputError(f"job 'task' must be one of {TASKS}, got {task!r}")

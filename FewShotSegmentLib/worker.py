@@ -3,7 +3,9 @@
 Runs one job (see job.py for the file format), prints one JSON object per line on stdout and
 stops cleanly on SIGTERM: the running step notices the cancel flag at the next slice, nothing is
 written under a final output name, and the exit status is 143. The Slicer module and the CLI both
-run jobs through ``execute``.
+run jobs through ``execute``. The persistent worker (``python -m FewShotSegmentLib.server``, see
+server.py) runs many jobs in one process through ``execute`` with a session.Session, so a second job
+on the same volume reuses the loaded models and the encoded features.
 """
 from __future__ import annotations
 
@@ -26,8 +28,12 @@ EXIT_OK, EXIT_ERROR, EXIT_BAD_JOB, EXIT_CANCELLED = 0, 1, 2, 143
 
 
 def execute(job: dict, progress: pipeline.Progress = pipeline._noop,
-            cancel: Callable[[], bool] | None = None) -> dict:
-    """Run a validated job; return {output key: path}. Outputs appear only when all succeeded."""
+            cancel: Callable[[], bool] | None = None, session=None) -> dict:
+    """Run a validated job; return {output key: path}. Outputs appear only when all succeeded.
+    ``session`` (session.Session): backbones and encoded volumes kept between jobs; the summary
+    then says what was reused."""
+    cancel = cancel or (lambda: False)
+    hits = dict(session.hits) if session is not None else None
     config = PipelineConfig.from_dict(job.get("config"))
     out_dir = Path(job["output_dir"])
     task = job["task"]
@@ -45,24 +51,26 @@ def execute(job: dict, progress: pipeline.Progress = pipeline._noop,
 
     progress(0.0, "read", "reading inputs")
     image = io.read_image(job["image"])
+    _check(cancel, "reading the image")
     labels = {int(k): v for k, v in (job.get("labels") or {}).items()} or None
     if task in ("run", "train"):
         template, labels = _read_template(job["template"], image, labels)
+        _check(cancel, "reading the template")
         if task == "train":
-            backbone = pipeline.build_backbone_for(config.validate())
-            pipeline.template_labels(template, image, labels)
-            config = pipeline.resolved(config, image, template)
-            prepared = pipeline.prepare_volume(image, config, backbone, progress, cancel)
-            model = pipeline.train(prepared, template, config, labels, backbone.id)
+            pipeline.template_labels(template, image, labels)  # a bad template fails before encoding
+            config = pipeline.resolved(config.validate(), image, template)
+            backbone, prepared = pipeline._backbone_and_volume(image, config, progress, cancel, session)
+            model = pipeline.train(prepared, template, config, labels, backbone.id,
+                                   lambda f, s, m: progress(0.55 + 0.45 * f, s, m), cancel)
             prediction = None
         else:
-            model, prediction = pipeline.run(image, template, config, labels, progress, cancel)
+            model, prediction = pipeline.run(image, template, config, labels, progress, cancel, session=session)
     else:
         model = pipeline.TrainedModel.load(job["model"])
-        prediction = pipeline.predict(model, image, progress, cancel, overrides=job.get("config"))
+        _check(cancel, "reading the adapter")
+        prediction = pipeline.predict(model, image, progress, cancel, overrides=job.get("config"), session=session)
 
-    if cancel and cancel():
-        raise Cancelled("cancelled before writing outputs")
+    _check(cancel, "writing outputs")
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=out_dir))
     try:
@@ -82,12 +90,26 @@ def execute(job: dict, progress: pipeline.Progress = pipeline._noop,
             staged["suggestions"].write_text(json.dumps(
                 {"axis": prediction.summary["axis"], "slices": prediction.suggestions}, indent=2))
             summary.update(prediction.summary)
+        if session is not None:
+            summary["reused"] = reused_since(hits, session)
         staged["summary"].write_text(json.dumps(summary, indent=2))
         for key, path in staged.items():
             path.replace(targets[key])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {key: str(path) for key, path in targets.items()}
+
+
+def _check(cancel, stage: str) -> None:
+    if cancel():
+        raise Cancelled(f"cancelled before {stage}")
+
+
+def reused_since(hits: dict, session) -> dict:
+    """Whether the backbone and the encoded volume of the job that started at ``hits`` (a copy of
+    session.hits) came from the session's memory."""
+    return {"backbone": session.hits["backbone"] > hits["backbone"],
+            "features": session.hits["volume"] > hits["volume"]}
 
 
 def _read_template(path, image, labels):
