@@ -66,6 +66,7 @@ class FewShotSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._observedTemplate = None
+        self._quitHandler = None
 
     def setup(self):
         from FewShotSegmentSlicer.Widget import FewShotSegmentPanel, SlicerMessages
@@ -76,6 +77,11 @@ class FewShotSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = FewShotSegmentLogic()
+        # the persistent worker process ends with Slicer (cleanup() is not always called on quit)
+        self._quitHandler = self.logic.shutdownWorker
+        app = getattr(slicer, "app", None)
+        if app is not None and hasattr(app, "connect"):
+            app.connect("aboutToQuit()", self._quitHandler)
         self.panel = FewShotSegmentPanel(self.ui, self.logic, SlicerMessages())
         self.panel.setup()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -85,6 +91,14 @@ class FewShotSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         if self.panel is not None:
             self.panel.cleanup()
+        if self.logic is not None:
+            self.logic.shutdownWorker()
+            app = getattr(slicer, "app", None)
+            if app is not None and hasattr(app, "disconnect"):
+                try:
+                    app.disconnect("aboutToQuit()", self._quitHandler)
+                except Exception:  # not connected: nothing to undo
+                    pass
         self.removeObservers()
 
     def enter(self):

@@ -3,7 +3,9 @@ runs in the Python console, in ``Slicer --no-main-window --python-script`` batch
 against real MRML (slicer-core).
 
 1. start() writes the input volume and the painted template (a label map on the volume's geometry)
-   into a temporary folder with a job file (FewShotSegmentLib/job.py) and starts the worker;
+   into a temporary folder with a job file (FewShotSegmentLib/job.py) and hands it to the worker:
+   by default the persistent one (WorkerProcess.PersistentWorker, models and the last volume's
+   features kept between jobs), else one process per job;
 2. poll() (a QTimer in the panel, the loop of wait()) reads its JSON progress lines and, once it has
    exited, imports the results into NEW nodes (or into the preview, see propagate()) and removes the
    temporary folder. Nothing is added to the scene unless the job finished.
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -25,10 +26,12 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 from . import AdapterFiles, MrmlConversion, Preview
 from .Batch import BatchMixin
 from .Jobs import FewShotJob, FewShotJobError, FewShotResult
-from .Parameters import CONFIG_PARAMETERS, FewShotSegmentParameterNode, pathString
-from .WorkerProcess import SubprocessWorker, libraryParentDir, workerPythonExecutable
+from .Parameters import CONFIG_PARAMETERS, FewShotSegmentParameterNode, pathString, validateSettings
+from .WorkerProcess import (PersistentWorker, SubprocessWorker, libraryParentDir, logTail, workerEnvironment,
+                            workerPythonExecutable)
 
 WORKER_MODULE = "FewShotSegmentLib.worker"
+SERVER_MODULE = "FewShotSegmentLib.server"
 EXIT_CANCELLED = 143
 
 
@@ -37,14 +40,6 @@ def defaultEventHook() -> Optional[Callable[[], None]]:
     Without an application (slicer-core, plain Python) there is nothing to process."""
     app = getattr(slicer, "app", None)
     return getattr(app, "processEvents", None) if app is not None else None
-
-
-def validateSettings(config: dict):
-    """Refuse, before any slow step, settings that the worker would reject only after encoding."""
-    refine = config.get("refine", "box")
-    if config.get("backbone") == "dinov2" and refine != "none" and not config.get("sam_checkpoint"):
-        raise ValueError(f"refinement '{refine}' uses LiteMedSAM, which needs the LiteMedSAM backbone: with "
-                         "DINOv2 choose refinement 'none' or give a segment-anything SAM checkpoint")
 
 
 class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
@@ -62,6 +57,10 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
         BatchMixin.__init__(self)
         self.pythonExecutable = None  # None: workerPythonExecutable()
         self.workerModule = WORKER_MODULE
+        self.serverModule = SERVER_MODULE
+        # True: jobs go to one long-lived worker process (self.worker); False: one process per job
+        self.persistentWorker = True
+        self.worker = PersistentWorker()
         self.cancelGraceSeconds = 5.0
         self.temporaryRoot = None     # None: Slicer's temporary folder or the system one
         self.processFactory = SubprocessWorker  # (command, cwd, env, stderrPath) -> WorkerProcess
@@ -176,14 +175,21 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
         self.job = fewShotJob
         return fewShotJob
 
+    @property
+    def usesPersistentWorker(self) -> bool:
+        # a replaced processFactory (the tests' stand-in workers) means one process per job
+        return self.persistentWorker and self.processFactory is SubprocessWorker
+
     def _launch(self, job: FewShotJob):
         libraryDir = str(libraryParentDir())
-        env = dict(os.environ)
-        # the worker imports the library that ships with this module, whatever else is installed
-        env["PYTHONPATH"] = os.pathsep.join([libraryDir] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        env["PYTHONUNBUFFERED"] = "1"
-        command = [self.pythonExecutable or workerPythonExecutable(), "-m", self.workerModule, str(job.jobFile)]
-        job.process = self.processFactory(command, libraryDir, env, str(job.stderrPath))
+        env = workerEnvironment(libraryDir)  # the library that ships with this module comes first
+        python = self.pythonExecutable or workerPythonExecutable()
+        if self.usesPersistentWorker:
+            job.process = self.worker.submit([python, "-m", self.serverModule], libraryDir, env,
+                                             json.loads(job.jobFile.read_text()), str(job.stderrPath))
+        else:
+            job.process = self.processFactory([python, "-m", self.workerModule, str(job.jobFile)], libraryDir,
+                                              env, str(job.stderrPath))
         job.state = "running"
         logging.info(f"FewShotSegment: started {job.task} job (pid {job.process.pid}) in {job.tempDir}")
 
@@ -242,13 +248,6 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
     def busy(self) -> bool:
         return (self.job is not None and self.job.running) or bool(self.batchQueue)
 
-    def _stderrTail(self, job, lines=15) -> str:
-        try:
-            text = job.stderrPath.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
-
     def _finish(self, job: FewShotJob):
         returncode = job.process.poll()
         try:
@@ -266,7 +265,7 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
                 job.state = "cancelled"
             else:
                 job.state = "failed"
-                detail = job.error or self._stderrTail(job) or "no message"
+                detail = job.error or logTail(job.stderrPath) or "no message"
                 if returncode == 0:
                     reason = "the worker exited without reporting a result"
                 elif returncode is not None and returncode < 0:
@@ -274,7 +273,7 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
                 else:
                     reason = f"the worker failed (exit status {returncode})"
                 job.error = f"{reason}: {detail}"
-                logging.error(f"FewShotSegment: {job.error}\n{self._stderrTail(job, 40)}")
+                logging.error(f"FewShotSegment: {job.error}\n{logTail(job.stderrPath, 40)}")
         finally:
             job.process.close()
             shutil.rmtree(job.tempDir, ignore_errors=True)
@@ -384,6 +383,13 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
         job.process.stop(self.cancelGraceSeconds, then=lambda: shutil.rmtree(tempDir, ignore_errors=True))
         logging.info("FewShotSegment: job cancelled")
         return True
+
+    def shutdownWorker(self, timeout: float = 5.0) -> None:
+        """Cancel the running job and end the persistent worker process (killed after timeout s);
+        the module's cleanup and Slicer's aboutToQuit call this. The next job starts a new one."""
+        if self.busy:
+            self.cancel()
+        self.worker.shutdown(timeout)
 
     def wait(self, job: FewShotJob = None, timeout: float = None) -> FewShotJob:
         """Block until the job (and any pending batch) ends, calling eventHook between polls (Qt events

@@ -64,3 +64,11 @@ def pathString(value) -> str:
         return ""
     text = str(value)
     return "" if text in ("", ".") else text
+
+
+def validateSettings(config: dict):
+    """Refuse, before any slow step, settings that the worker would reject only after encoding."""
+    refine = config.get("refine", "box")
+    if config.get("backbone") == "dinov2" and refine != "none" and not config.get("sam_checkpoint"):
+        raise ValueError(f"refinement '{refine}' uses LiteMedSAM, which needs the LiteMedSAM backbone: with "
+                         "DINOv2 choose refinement 'none' or give a segment-anything SAM checkpoint")

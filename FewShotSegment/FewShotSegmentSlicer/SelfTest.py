@@ -65,8 +65,11 @@ def runSyntheticTest(test: unittest.TestCase):
     nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
     logic = FewShotSegmentLogic()
     test.delayDisplay("Running the worker (the first run encodes 32 slices)")
-    result = logic.run(volume, template, config={"refine": "box", "device": "cpu", "epochs": 40,
-                                                "cache_dir": logic.defaultFeatureCacheDir()})
+    try:
+        result = logic.run(volume, template, config={"refine": "box", "device": "cpu", "epochs": 40,
+                                                    "cache_dir": logic.defaultFeatureCacheDir()})
+    finally:
+        logic.shutdownWorker()  # this Logic's worker process is not needed after the test
     segmentation = result.segmentationNode
     test.assertIsNotNone(segmentation)
     test.assertNotEqual(segmentation.GetID(), template.GetID())

@@ -47,5 +47,4 @@ def logic(fss, mrml, tmp_path):
     logic = fss.FewShotSegmentLogic()
     logic.temporaryRoot = tmp_path / "jobs"
     yield logic
-    if logic.busy:
-        logic.cancel()
+    logic.shutdownWorker()  # cancels a running job and ends the persistent worker process

@@ -171,7 +171,10 @@ def test_trained_adapter_labels_other_volumes_in_a_batch(fss, ctScene, logic, tm
 
 
 def test_cancel_stops_the_worker_and_leaves_the_scene_unchanged(fss, ctScene, logic, tmp_path):
+    """The one-process-per-job worker, which the process ends with (the persistent worker's cancel
+    keeps its process: test_persistent_worker.py)."""
     scene = ctScene.scene
+    logic.persistentWorker = False
     before = nodeIds(scene)
     # an empty feature cache: the worker has to encode, so it is surely still running when cancelled
     job = logic.run(ctScene.volume, ctScene.template, config=fastConfig(cache_dir=str(tmp_path / "nocache")),

@@ -218,10 +218,10 @@ def test_the_real_classes_and_the_stand_ins_provide_the_interfaces(fss):
     import inspect
 
     from FewShotSegmentSlicer.Interfaces import FewShotLogicProtocol, WorkerProcess
-    from FewShotSegmentSlicer.WorkerProcess import SubprocessWorker
+    from FewShotSegmentSlicer.WorkerProcess import ServerJob, SubprocessWorker
 
     for protocol, implementations in ((FewShotLogicProtocol, [fss.FewShotSegmentLogic]),
-                                      (WorkerProcess, [SubprocessWorker, fake_worker.FakeWorker])):
+                                      (WorkerProcess, [SubprocessWorker, ServerJob, fake_worker.FakeWorker])):
         methods = {name: member for name, member in vars(protocol).items()
                    if callable(member) and not name.startswith("_")}
         assert methods, protocol
