@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import runtime
+from .acceleration import Accelerated, accelerate
 from .errors import CheckpointError, InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -76,13 +78,29 @@ def load_state_dict(path) -> dict:
 
 
 class Backbone:
-    """Base class: subclasses set ``id`` and ``feature_dim`` and implement ``_encode``."""
+    """Base class: subclasses set ``id`` and ``feature_dim`` and implement ``_encode``.
+
+    ``id`` names the model (an adapter trained on its features fits any precision of it);
+    ``cache_tag`` adds the numeric precision, so cached features of fp32 and bf16 never mix."""
     id = "backbone"
     feature_dim = 0
     provides_sam_embeddings = False
+    fast: Accelerated | None = None
 
     def __init__(self, device: str = "auto"):
+        runtime.configure()      # allocator and thread pools, once per process (see runtime.py)
         self.device = pick_device(device)
+
+    @property
+    def cache_tag(self) -> str:
+        return f"{self.id}|{self.fast.precision if self.fast else 'fp32'}"
+
+    @property
+    def acceleration(self) -> dict:
+        """What the encoder runs as: precision, compiled or not, and why not."""
+        if self.fast is None:
+            return {"precision": "fp32", "compiled": False, "notes": []}
+        return {"precision": self.fast.precision, "compiled": self.fast.compile, "notes": list(self.fast.notes)}
 
     def encode(self, slices: np.ndarray) -> Encoded:
         slices = np.asarray(slices, dtype=np.float32)
@@ -105,12 +123,15 @@ class LiteMedSAMBackbone(Backbone):
     input_size = 256
     provides_sam_embeddings = True
 
-    def __init__(self, layer: str = "preneck", checkpoint: str = "", device: str = "auto"):
+    def __init__(self, layer: str = "preneck", checkpoint: str = "", device: str = "auto",
+                 precision: str = "auto", compile: str = "auto"):
         super().__init__(device)
         if layer not in ("preneck", "neck"):
             raise InputError(f"LiteMedSAM layer must be 'preneck' or 'neck', got {layer!r}")
         self.layer = layer
         self.model = load_litemedsam(checkpoint).to(self.device).eval()
+        # the refiner shares self.model (fp32); the encoder runs as its own folded, fast copy
+        self.fast = accelerate(_TinyViTFeatures(self.model.image_encoder), self.device, precision, compile)
         self.feature_dim = 320 if layer == "preneck" else 256
         tag = Path(checkpoint).name if checkpoint else "bundled"
         self.id = f"litemedsam[{tag}]:{layer}"
@@ -121,16 +142,27 @@ class LiteMedSAMBackbone(Backbone):
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         x = F.interpolate(slices[:, None].to(self.device), size=(nh, nw), mode="bilinear", align_corners=False)
         x = F.pad(x, (0, self.input_size - nw, 0, self.input_size - nh))
-        x = x.expand(-1, 3, -1, -1)
-        enc = self.model.image_encoder
-        tokens = enc.layers[0](enc.patch_embed(x))
-        for layer in enc.layers[1:]:
-            tokens = layer(tokens)
-        preneck = tokens.view(n, 64, 64, -1).permute(0, 3, 1, 2)
-        neck = enc.neck(preneck)
+        preneck, neck = self.fast(x.expand(-1, 3, -1, -1))
         features = preneck if self.layer == "preneck" else neck
         return Encoded(features=features.half().cpu(), scale=scale, frame=(self.input_size, self.input_size),
                        sam_embeddings=neck.half().cpu())
+
+
+class _TinyViTFeatures(torch.nn.Module):
+    """LiteMedSAM's TinyViT image encoder returning both its 320-channel pre-neck tokens (as a
+    64x64 grid) and the 256-channel neck output (the SAM embedding)."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x):
+        enc = self.encoder
+        tokens = enc.layers[0](enc.patch_embed(x))
+        for layer in enc.layers[1:]:
+            tokens = layer(tokens)
+        preneck = tokens.view(x.shape[0], 64, 64, -1).permute(0, 3, 1, 2)
+        return preneck, enc.neck(preneck)
 
 
 _LITEMEDSAM_CACHE: dict[str, torch.nn.Module] = {}
@@ -167,7 +199,7 @@ class DinoV2Backbone(Backbone):
     the 14 px patch) and padded; the patch tokens form the feature grid."""
 
     def __init__(self, name: str = "vit_small_patch14_dinov2", checkpoint: str = "", input_size: int = 448,
-                 device: str = "auto", pretrained: bool = True):
+                 device: str = "auto", pretrained: bool = True, precision: str = "auto", compile: str = "auto"):
         super().__init__(device)
         import timm
 
@@ -196,6 +228,7 @@ class DinoV2Backbone(Backbone):
                 raise CheckpointError(_offline_message(name) + f" ({type(exc).__name__})") from None
             raise
         self.model = model.to(self.device).eval()
+        self.fast = accelerate(_ViTPatchTokens(self.model), self.device, precision, compile)
         self.patch = model.patch_embed.patch_size[0]
         self.input_size = input_size - input_size % self.patch
         self.feature_dim = model.num_features
@@ -211,9 +244,20 @@ class DinoV2Backbone(Backbone):
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         x = (x.expand(-1, 3, -1, -1) - mean) / std
-        tokens = self.model.forward_features(x)[:, self.model.num_prefix_tokens:]
+        tokens = self.fast(x)
         grid = tokens.reshape(n, fh // self.patch, fw // self.patch, -1).permute(0, 3, 1, 2)
         return Encoded(features=grid.half().cpu(), scale=scale, frame=(fh, fw))
+
+
+class _ViTPatchTokens(torch.nn.Module):
+    """A timm ViT's patch tokens (prefix tokens such as CLS and registers dropped)."""
+
+    def __init__(self, vit: torch.nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit.forward_features(x)[:, self.vit.num_prefix_tokens:]
 
 
 def _offline_message(name: str) -> str:
@@ -237,22 +281,25 @@ def _adapt_vit_state(state: dict, model) -> dict:
 
 
 def build_backbone(kind: str = "litemedsam", *, name: str = "vit_small_patch14_dinov2", checkpoint: str = "",
-                   layer: str = "preneck", device: str = "auto") -> Backbone:
+                   layer: str = "preneck", device: str = "auto", precision: str = "auto",
+                   compile: str = "auto") -> Backbone:
     """``kind``: "litemedsam" (bundled, offline), "dinov2" (hub or local file), or "checkpoint"
-    (a user file; its architecture is recognised from its keys)."""
+    (a user file; its architecture is recognised from its keys). ``precision`` and ``compile``:
+    see acceleration.py."""
+    fast = dict(device=device, precision=precision, compile=compile)
     if kind == "litemedsam":
-        return LiteMedSAMBackbone(layer=layer, checkpoint=checkpoint, device=device)
+        return LiteMedSAMBackbone(layer=layer, checkpoint=checkpoint, **fast)
     if kind == "dinov2":
         if not checkpoint and os.environ.get("HF_HUB_OFFLINE") == "1":
             raise CheckpointError(_offline_message(name))
-        return DinoV2Backbone(name=name, checkpoint=checkpoint, device=device)
+        return DinoV2Backbone(name=name, checkpoint=checkpoint, **fast)
     if kind == "checkpoint":
         if not checkpoint:
             raise InputError("backbone 'checkpoint' needs a checkpoint file")
         keys = load_state_dict(checkpoint).keys()
         if any(k.startswith("image_encoder.") for k in keys):
-            return LiteMedSAMBackbone(layer=layer, checkpoint=checkpoint, device=device)
+            return LiteMedSAMBackbone(layer=layer, checkpoint=checkpoint, **fast)
         if any("blocks.0.attn" in k for k in keys):
-            return DinoV2Backbone(name=name, checkpoint=checkpoint, device=device)
+            return DinoV2Backbone(name=name, checkpoint=checkpoint, **fast)
         raise CheckpointError(f"checkpoint {checkpoint} is neither a LiteMedSAM nor a ViT/DINOv2 state dict")
     raise InputError(f"backbone must be 'litemedsam', 'dinov2' or 'checkpoint', got {kind!r}")

@@ -14,6 +14,8 @@ ANATOMICAL_AXES = ("axial", "coronal", "sagittal")
 AXES = ("auto", "stack") + ANATOMICAL_AXES
 REFINEMENTS = ("none", "box", "points")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -40,9 +42,18 @@ class PipelineConfig:
     min_component_voxels: int = 20
     landmarks: bool = True
     device: str = "auto"
+    # encoder arithmetic: "auto" (bf16 on CPUs with AMX/AVX512-BF16 and on CUDA GPUs that have it,
+    # fp32 elsewhere), "fp32", "bf16"; torch.compile: "auto" (when a C++ compiler is there), "on", "off"
+    precision: str = "auto"
+    compile: str = "auto"
     seed: int = 0
     epochs: int = 60                  # classification adapter: passes over the training pixels
-    steps: int = 1500                 # contrastive adapter: pair batches
+    steps: int = 1500                 # contrastive adapter: pair batches (at most)
+    # ...stopping earlier once the mean loss of this many steps has not fallen by 5 % for two such
+    # windows in a row (0: always run all steps)
+    plateau_steps: int = 100
+    # propagation scores pixels on a grid of this many feature cells and interpolates between them
+    score_stride_cells: float = 0.5
     negative_margin_px: int = 0       # >0: background pixels this close to a RoI are not negatives
     # ...and never closer than this fraction of the stroke's equivalent radius: the rim just outside
     # an under-painted organ is organ, so it must not be taught as background
@@ -65,6 +76,10 @@ class PipelineConfig:
                               ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile not in COMPILE_MODES:
+            raise InputError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.feature_layer not in ("preneck", "neck"):
             raise InputError(f"feature_layer must be 'preneck' or 'neck', got {self.feature_layer!r}")
         if self.modality not in ("auto", "ct", "mri"):
