@@ -6,6 +6,8 @@ interpolated on demand for the pixels asked for, or for one slice at a time.
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -52,7 +54,9 @@ class VolumeFeatures:
         """(C,) mean feature of the whole volume, computed once (the basic adapter's centre:
         recomputing it per slice made CT propagation 8x slower)."""
         if getattr(self, "_mean", None) is None:
-            self._mean = self.features.float().mean(dim=(0, 2, 3))
+            # slice by slice: a float32 copy of a 300-slice grid at once would be 1.6 GB
+            total = sum(self.features[i].float().sum(dim=(1, 2)) for i in range(len(self)))
+            self._mean = total / (len(self) * self.features.shape[2] * self.features.shape[3])
         return self._mean
 
     def _grid(self, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
@@ -77,53 +81,106 @@ class VolumeFeatures:
 
 def _cache_key(slices: np.ndarray, backbone: Backbone) -> str:
     digest = hashlib.sha1()
-    digest.update(backbone.id.encode())
+    digest.update(getattr(backbone, "cache_tag", backbone.id).encode())
     digest.update(str(slices.shape).encode())
     digest.update(np.ascontiguousarray(slices).tobytes())
     return digest.hexdigest()[:24]
+
+
+class _FeatureStore:
+    """Where the encoded grids of a volume go: with a cache folder, raw float16 files mapped into
+    memory (so a 1000-slice volume needs page cache, not resident memory, and a cache hit reads
+    nothing up front); without one, plain tensors. Filled batch by batch; ``meta.json`` is written
+    last, so an interrupted encoding never looks complete."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.arrays: dict[str, torch.Tensor] = {}
+
+    def allocate(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        count = int(np.prod(shape))
+        if self.folder is None:
+            tensor = torch.empty(shape, dtype=torch.float16)
+        else:
+            path = self.folder / f"{name}.f16"
+            with open(path, "wb") as handle:     # sized up front; pages are written as encoded
+                handle.truncate(count * 2)
+            tensor = torch.from_file(str(path), shared=True, size=count, dtype=torch.float16).view(shape)
+        self.arrays[name] = tensor
+        return tensor
+
+    def finish(self, scale: float, frame: tuple[int, int]) -> None:
+        if self.folder is None:
+            return
+        meta = {"scale": scale, "frame": list(frame), "arrays": {k: list(v.shape) for k, v in self.arrays.items()}}
+        tmp = self.folder / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(self.folder / "meta.json")
+
+    @staticmethod
+    def load(folder: Path) -> Encoded:
+        meta = json.loads((folder / "meta.json").read_text())
+        arrays = {}
+        for name, shape in meta["arrays"].items():
+            path = folder / f"{name}.f16"
+            count = int(np.prod(shape))
+            if path.stat().st_size != count * 2:
+                raise ValueError(f"{path} has the wrong size")
+            # MAP_PRIVATE: read-only use, and a stray write could never reach the cache file
+            arrays[name] = torch.from_file(str(path), shared=False, size=count, dtype=torch.float16).view(shape)
+        return Encoded(features=arrays["features"], scale=float(meta["scale"]),
+                       frame=tuple(int(v) for v in meta["frame"]), sam_embeddings=arrays.get("sam"))
 
 
 def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, cache_dir: str | Path = "",
                   progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
                   progress_range: tuple[float, float] = (0.0, 1.0)) -> VolumeFeatures:
     """Encode every slice of ``slices`` (N, H, W) in [0, 1]. With ``cache_dir`` the result is stored
-    under a hash of the pixel data and the backbone id, so the same volume is encoded once."""
+    under a hash of the pixel data and the backbone's cache tag (model and precision), so the same
+    volume is encoded once, and is memory-mapped from there."""
     n, h, w = slices.shape
-    cache_file = None
+    folder = None
     if cache_dir:
-        cache_file = Path(cache_dir) / f"{_cache_key(slices, backbone)}.pt"
-        if cache_file.is_file():
+        folder = Path(cache_dir) / _cache_key(slices, backbone)
+        if (folder / "meta.json").is_file():
             try:
-                data = torch.load(cache_file, map_location="cpu", weights_only=True)
-                encoded = Encoded(features=data["features"], scale=float(data["scale"]),
-                                  frame=tuple(int(v) for v in data["frame"]), sam_embeddings=data.get("sam"))
-                if progress:
-                    progress(progress_range[1], "encode", f"features of {n} slices from cache")
-                return VolumeFeatures(encoded, (h, w))
-            except Exception:
-                cache_file.unlink(missing_ok=True)  # a corrupt cache entry is recomputed, never trusted
-    parts, sams = [], []
-    encoded = None
+                encoded = _FeatureStore.load(folder)
+                if len(encoded.features) == n:
+                    if progress:
+                        progress(progress_range[1], "encode", f"features of {n} slices from cache")
+                    return VolumeFeatures(encoded, (h, w))
+            except (OSError, ValueError, KeyError, RuntimeError):
+                pass
+            shutil.rmtree(folder, ignore_errors=True)  # a corrupt cache entry is recomputed, never trusted
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "meta.json").unlink(missing_ok=True)
+    store = _FeatureStore(folder)
+    features = sams = encoded = None
     lo, hi = progress_range
-    for start in range(0, n, batch_size):
-        if cancel and cancel():
-            raise Cancelled("cancelled while encoding")
-        encoded = backbone.encode(slices[start:start + batch_size])
-        parts.append(encoded.features)
-        if encoded.sam_embeddings is not None:
-            sams.append(encoded.sam_embeddings)
-        if progress:
-            done = min(n, start + batch_size)
-            progress(lo + (hi - lo) * done / n, "encode", f"encoded slice {done}/{n}")
-    result = Encoded(features=torch.cat(parts), scale=encoded.scale, frame=encoded.frame,
-                     sam_embeddings=torch.cat(sams) if sams else None)
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        payload = {"features": result.features, "scale": torch.tensor(result.scale),
-                   "frame": torch.tensor(result.frame)}
-        if result.sam_embeddings is not None:
-            payload["sam"] = result.sam_embeddings
-        torch.save(payload, tmp)
-        tmp.replace(cache_file)
-    return VolumeFeatures(result, (h, w))
+    try:
+        for start in range(0, n, batch_size):
+            if cancel and cancel():
+                raise Cancelled("cancelled while encoding")
+            batch = slices[start:start + batch_size]
+            count = len(batch)
+            if count < batch_size and start > 0:
+                # the last batch is padded to the others' size: a compiled encoder sees one shape
+                batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - count, axis=0)])
+            encoded = backbone.encode(batch)
+            if features is None:
+                features = store.allocate("features", (n,) + tuple(encoded.features.shape[1:]))
+                if encoded.sam_embeddings is not None:
+                    sams = store.allocate("sam", (n,) + tuple(encoded.sam_embeddings.shape[1:]))
+            features[start:start + count] = encoded.features[:count]
+            if sams is not None:
+                sams[start:start + count] = encoded.sam_embeddings[:count]
+            if progress:
+                done = min(n, start + batch_size)
+                progress(lo + (hi - lo) * done / n, "encode", f"encoded slice {done}/{n}")
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    store.finish(encoded.scale, encoded.frame)
+    return VolumeFeatures(Encoded(features=features, scale=encoded.scale, frame=encoded.frame,
+                                  sam_embeddings=sams), (h, w))
