@@ -20,6 +20,8 @@ from scipy import ndimage
 
 from . import __version__
 from .adapters import Adapter, adapter_from_state, create_adapter, sample_training_pixels
+from .acceleration import resolve_precision
+from .adapters.base import single_thread
 from .backbones import Backbone, build_backbone, pick_device
 from .config import ANATOMICAL_AXES, PipelineConfig
 from .errors import Cancelled, CheckpointError, InputError
@@ -181,7 +183,8 @@ def check_image(image: sitk.Image) -> None:
 
 def build_backbone_for(config: PipelineConfig) -> Backbone:
     return build_backbone(config.backbone, name=config.backbone_name, checkpoint=config.checkpoint,
-                          layer=config.feature_layer, device=config.device)
+                          layer=config.feature_layer, device=config.device, precision=config.precision,
+                          compile=config.compile)
 
 
 def prepare_volume(image: sitk.Image, config: PipelineConfig, backbone: Backbone, progress: Progress = _noop,
@@ -225,7 +228,8 @@ def template_labels(template: sitk.Image, image: sitk.Image, labels: dict | None
 
 
 def train(prepared: PreparedVolume, template: sitk.Image, config: PipelineConfig, labels: dict | None = None,
-          backbone_id: str = "", progress: Progress = _noop) -> TrainedModel:
+          backbone_id: str = "", progress: Progress = _noop,
+          cancel: Callable[[], bool] | None = None) -> TrainedModel:
     values, meta = template_labels(template, prepared.image, labels)
     config = PipelineConfig.from_dict({**config.to_dict(), "axis": prepared.axis})
     index_map = _to_index(prepared.to_slices(template), values)
@@ -238,10 +242,11 @@ def train(prepared: PreparedVolume, template: sitk.Image, config: PipelineConfig
                                     config.negative_margin_px, rng, config.negative_margin_fraction)
     options = {"basic": dict(threshold=config.threshold, center_features=config.center_features),
                "classification": dict(epochs=config.epochs),
-               "contrastive": dict(steps=config.steps, threshold=config.threshold)}[config.adapter]
+               "contrastive": dict(steps=config.steps, threshold=config.threshold,
+                                   plateau_steps=config.plateau_steps)}[config.adapter]
     adapter = create_adapter(config.adapter, seed=config.seed, **options)
     torch.manual_seed(config.seed)
-    adapter.fit(pixels, progress=lambda f, m: progress(f, "train", m))
+    adapter.fit(pixels, progress=lambda f, m: progress(f, "train", m), cancel=cancel)
     return TrainedModel(adapter, config, values, meta, backbone_id)
 
 
@@ -296,8 +301,9 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
     n = len(features)
     h, w = features.slice_shape
     # Feature cells are 4 / scale pixels (LiteMedSAM); scoring every pixel of a cell several times
-    # adds nothing, so score on a grid of about half a cell and interpolate the scores.
-    stride = max(1, int(round(features.frame[0] / features.features.shape[2] / features.scale / 2)))
+    # adds nothing, so score on a grid of ``score_stride_cells`` cells and interpolate the scores.
+    cell = features.frame[0] / features.features.shape[2] / features.scale
+    stride = max(1, int(round(cell * model.config.score_stride_cells)))
     weights = neighbour_weights(model.config.smooth_across_mm, prepared.slice_spacing_mm)
     radius = len(weights) // 2
     window: dict[int, torch.Tensor] = {}
@@ -306,7 +312,10 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
         if i < n:
             if cancel and cancel():
                 raise Cancelled("cancelled while propagating")
-            window[i] = model.adapter.score_slice(features, i, stride)
+            # small ops: a second thread costs more than it gives; bf16 puts the adapter's
+            # matmuls on AMX where the CPU has it
+            with single_thread(), scoring_precision(model.config):
+                window[i] = model.adapter.score_slice(features, i, stride).float()
         j = i - radius                      # the slice whose neighbours are all scored now
         if j < 0:
             continue
@@ -320,6 +329,14 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
         window.pop(j - radius, None)
         progress((j + 1) / n, "propagate", f"slice {j + 1}/{n}")
     return out
+
+
+def scoring_precision(config: PipelineConfig):
+    """autocast to bf16 for the adapter's scoring on a CPU when the config's precision resolves to
+    bf16 there (AMX / AVX512-BF16); a no-op otherwise."""
+    device = torch.device("cpu")
+    enabled = resolve_precision(config.precision, device) == "bf16"
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def painted_slices(seeds: np.ndarray | None) -> list[int]:
@@ -437,14 +454,16 @@ def _clean(index, seeds, keep, min_voxels, axis):
 
 
 def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels: dict | None = None,
-        progress: Progress = _noop, cancel: Callable[[], bool] | None = None) -> tuple[TrainedModel, Prediction]:
-    """Train on the template slices of ``image`` and label the rest of the same image."""
+        progress: Progress = _noop, cancel: Callable[[], bool] | None = None,
+        session=None) -> tuple[TrainedModel, Prediction]:
+    """Train on the template slices of ``image`` and label the rest of the same image.
+    ``session`` (session.Session) keeps backbones and encoded volumes between calls."""
     template_labels(template, image, labels)  # fail on a bad template before the slow encoding
     config = resolved(config.validate(), image, template)
-    backbone = build_backbone_for(config)
-    prepared = prepare_volume(image, config, backbone, progress, cancel)
+    backbone, prepared = _backbone_and_volume(image, config, progress, cancel, session)
     start = time.perf_counter()
-    model = train(prepared, template, config, labels, backbone.id, lambda f, s, m: progress(0.55 + 0.05 * f, s, m))
+    model = train(prepared, template, config, labels, backbone.id, lambda f, s, m: progress(0.55 + 0.05 * f, s, m),
+                  cancel)
     train_s = time.perf_counter() - start
     prediction = segment(model, prepared, template, progress, cancel)
     prediction.summary["timings"]["train_s"] = train_s
@@ -452,20 +471,30 @@ def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels:
 
 
 # Settings that act after the adapter and may differ from training when applying a saved adapter.
-RUNTIME_FIELDS = ("device", "cache_dir", "batch_size", "refine", "n_points", "sam_checkpoint", "landmarks",
+RUNTIME_FIELDS = ("device", "precision", "compile", "score_stride_cells", "cache_dir", "batch_size", "refine", "n_points", "sam_checkpoint", "landmarks",
                   "keep_components", "min_component_voxels", "smooth_across_mm", "smooth_final_mm")
 
 
+def _backbone_and_volume(image, config, progress, cancel, session):
+    if session is None:
+        backbone = build_backbone_for(config)
+        return backbone, prepare_volume(image, config, backbone, progress, cancel)
+    backbone = session.backbone(config)
+    return backbone, session.prepare(image, config, backbone, progress, cancel)
+
+
 def predict(model: TrainedModel, image: sitk.Image, progress: Progress = _noop,
-            cancel: Callable[[], bool] | None = None, overrides: dict | None = None) -> Prediction:
+            cancel: Callable[[], bool] | None = None, overrides: dict | None = None,
+            session=None) -> Prediction:
     """Apply a trained adapter to another volume (another patient, or a later scan).
     ``overrides`` may change the RUNTIME_FIELDS; the others are the adapter's and are ignored."""
     runtime = {k: v for k, v in (overrides or {}).items() if k in RUNTIME_FIELDS}
     config = PipelineConfig.from_dict({**model.config.to_dict(), **runtime})
     model = TrainedModel(model.adapter, config, model.label_values, model.labels, model.backbone_id)
-    backbone = build_backbone_for(config)
+    backbone = build_backbone_for(config) if session is None else session.backbone(config)
     if model.backbone_id and backbone.id != model.backbone_id:
         raise CheckpointError(f"adapter was trained on features of {model.backbone_id}, "
                               f"but the configured backbone gives {backbone.id}")
-    prepared = prepare_volume(image, config, backbone, progress, cancel)
+    prepared = (prepare_volume(image, config, backbone, progress, cancel) if session is None
+                else session.prepare(image, config, backbone, progress, cancel))
     return segment(model, prepared, None, progress, cancel)

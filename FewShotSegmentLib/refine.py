@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .backbones import load_litemedsam, load_state_dict
+from .adapters.base import single_thread
 from .errors import Cancelled, CheckpointError, InputError
 
 MIN_COMPONENT_PIXELS = 5
@@ -141,6 +142,12 @@ def refinement_agreement(template: np.ndarray, painted: list[int], features, sli
     rng = np.random.default_rng(seed)
     refiner = _make_refiner(features, sam_checkpoint, device)
     overlap, total = {}, {}
+    with single_thread():
+        return _agreement(template, painted, refiner, features, slices01, strategy, n_points, rng)
+
+
+def _agreement(template, painted, refiner, features, slices01, strategy, n_points, rng):
+    overlap, total = {}, {}
     for index in painted:
         plane = template[index]
         for value in np.unique(plane[plane > 0]):
@@ -178,17 +185,23 @@ def refine_label_slices(labels: np.ndarray, features, slices01: np.ndarray, stra
     for count, index in enumerate(busy):
         if cancel and cancel():
             raise Cancelled("cancelled during refinement")
-        plane = labels[index]
-        claimable = ~np.isin(plane, fixed)
-        result = np.where(claimable, 0, plane).astype(labels.dtype)
-        best = np.full(plane.shape, 0.0, dtype=np.float32)   # logit 0 = SAM's decision boundary
-        for value in sorted(refine_values & set(np.unique(plane).tolist())):
-            for box, points in component_prompts(plane == value, strategy, n_points, rng):
-                logit = _prompt_logits(refiner, features, slices01, index, plane.shape, box, points)
-                win = (logit > best) & claimable
-                result[win] = value
-                best[win] = logit[win]
-        out[index] = result
+        with single_thread():   # the decoder's ops are small: one thread (0.66 s/slice, two: 5.7)
+            out[index] = _refine_slice(labels[index], refiner, features, slices01, index, strategy, n_points,
+                                       rng, refine_values, fixed)
         if progress:
             progress((count + 1) / len(busy), f"refined slice {count + 1}/{len(busy)}")
     return out
+
+
+def _refine_slice(plane, refiner, features, slices01, index, strategy, n_points, rng, refine_values, fixed):
+    """One slice: each refined label's components prompted in turn, the highest logit wins."""
+    claimable = ~np.isin(plane, fixed)
+    result = np.where(claimable, 0, plane).astype(plane.dtype)
+    best = np.full(plane.shape, 0.0, dtype=np.float32)   # logit 0 = SAM's decision boundary
+    for value in sorted(refine_values & set(np.unique(plane).tolist())):
+        for box, points in component_prompts(plane == value, strategy, n_points, rng):
+            logit = _prompt_logits(refiner, features, slices01, index, plane.shape, box, points)
+            win = (logit > best) & claimable
+            result[win] = value
+            best[win] = logit[win]
+    return result

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..errors import Cancelled
 from ..features import VolumeFeatures
 
 
@@ -122,10 +123,17 @@ class Adapter:
     def _standardize(self, feats: torch.Tensor) -> torch.Tensor:
         return (feats - self.mean) / self.std
 
-    def fit(self, pixels: TrainingPixels, progress=None):
-        """Learn from the template pixels; progress(fraction, message) is called now and then."""
+    def fit(self, pixels: TrainingPixels, progress=None, cancel=None):
+        """Learn from the template pixels; progress(fraction, message) is called now and then, and
+        ``cancel()`` is asked at each of those calls (a True answer raises Cancelled)."""
+        def report(fraction, message):
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled while training the adapter")
+            if progress is not None:
+                progress(fraction, message)
+
         with single_thread():
-            self._fit(pixels, progress)
+            self._fit(pixels, report)
 
     def _fit(self, pixels: TrainingPixels, progress=None):
         raise NotImplementedError
@@ -160,6 +168,31 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+class Plateau:
+    """Stops training when the loss has stopped falling: the mean loss of each window of
+    ``window`` steps is compared with the best window so far; two windows in a row without a 5 %
+    improvement mean a plateau. On template pixels the pair loss typically reaches ~0.001 within
+    a few hundred of the 1500 default steps; the rest changed nothing measurable."""
+
+    def __init__(self, window: int, patience: int = 2, improvement: float = 0.05):
+        self.window, self.patience, self.improvement = window, patience, improvement
+        self.total, self.count, self.best, self.stale = 0.0, 0, float("inf"), 0
+
+    def update(self, loss: torch.Tensor) -> bool:
+        if self.window <= 0:
+            return False
+        self.total += float(loss)
+        self.count += 1
+        if self.count < self.window:
+            return False
+        mean, self.total, self.count = self.total / self.window, 0.0, 0
+        if mean < self.best * (1 - self.improvement):
+            self.best, self.stale = mean, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
 
 
 def mlp(sizes: list[int]) -> torch.nn.Sequential:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, TrainingPixels, mlp
+from .base import Adapter, Plateau, TrainingPixels, mlp
 
 
 class SiamesePairNet(torch.nn.Module):
@@ -49,9 +49,11 @@ class ContrastiveAdapter(Adapter):
     kind = "contrastive"
 
     def __init__(self, seed: int = 0, steps: int = 1500, batch: int = 1024, lr: float = 1e-3,
-                 hidden: int = 256, embed: int = 64, n_references: int = 16, threshold: float = 0.5):
+                 hidden: int = 256, embed: int = 64, n_references: int = 16, threshold: float = 0.5,
+                 plateau_steps: int = 0):
         super().__init__(seed, steps=steps, batch=batch, lr=lr, hidden=hidden, embed=embed,
-                         n_references=n_references, threshold=threshold)
+                         n_references=n_references, threshold=threshold, plateau_steps=plateau_steps)
+        self.steps_run = 0
         self.net: SiamesePairNet | None = None
         self.in_dim = 0
         self.references: torch.Tensor | None = None   # (K, M, C) standardized reference features
@@ -91,6 +93,7 @@ class ContrastiveAdapter(Adapter):
         loss_fn = torch.nn.CrossEntropyLoss()
         steps, batch = self.options["steps"], self.options["batch"]
         self.net.train()
+        plateau = Plateau(self.options.get("plateau_steps", 0))
         for step in range(steps):
             ks = torch.randint(1, self.n_labels + 1, (batch,), generator=gen)
             positive = torch.rand(batch, generator=gen) < 0.5
@@ -101,7 +104,10 @@ class ContrastiveAdapter(Adapter):
             loss = loss_fn(self.net(x[ref], x[other]), positive.long())
             loss.backward()
             opt.step()
-            if progress and (step + 1) % 100 == 0:
+            self.steps_run = step + 1
+            if plateau.update(loss.detach()):
+                break
+            if progress and (step + 1) % 20 == 0:   # often enough for a prompt cancel
                 progress((step + 1) / steps, f"step {step + 1}/{steps} loss {loss.item():.3f}")
         self.net.eval()
         m = self.options["n_references"]
