@@ -103,6 +103,8 @@ class _FeatureStore:
             tensor = torch.empty(shape, dtype=torch.float16)
         else:
             path = self.folder / f"{name}.f16"
+            # a new file, never one truncated in place: another job may still map the old one
+            path.unlink(missing_ok=True)
             with open(path, "wb") as handle:     # sized up front; pages are written as encoded
                 handle.truncate(count * 2)
             tensor = torch.from_file(str(path), shared=True, size=count, dtype=torch.float16).view(shape)
