@@ -229,7 +229,10 @@ def template_labels(template: sitk.Image, image: sitk.Image, labels: dict | None
 
 def train(prepared: PreparedVolume, template: sitk.Image, config: PipelineConfig, labels: dict | None = None,
           backbone_id: str = "", progress: Progress = _noop,
-          cancel: Callable[[], bool] | None = None) -> TrainedModel:
+          cancel: Callable[[], bool] | None = None, warm_start: TrainedModel | None = None) -> TrainedModel:
+    """Train the configured adapter on the template's painted slices of ``prepared``.
+    ``warm_start``: a model trained earlier on this volume (same adapter kind and labels) whose
+    weights the training starts from; ignored when it does not fit."""
     values, meta = template_labels(template, prepared.image, labels)
     config = PipelineConfig.from_dict({**config.to_dict(), "axis": prepared.axis})
     index_map = _to_index(prepared.to_slices(template), values)
@@ -245,6 +248,8 @@ def train(prepared: PreparedVolume, template: sitk.Image, config: PipelineConfig
                "contrastive": dict(steps=config.steps, threshold=config.threshold,
                                    plateau_steps=config.plateau_steps)}[config.adapter]
     adapter = create_adapter(config.adapter, seed=config.seed, **options)
+    if warm_start is not None and warm_start.label_values == values:
+        adapter.warm_start(warm_start.adapter)
     torch.manual_seed(config.seed)
     adapter.fit(pixels, progress=lambda f, m: progress(f, "train", m), cancel=cancel)
     return TrainedModel(adapter, config, values, meta, backbone_id)
@@ -462,8 +467,11 @@ def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels:
     config = resolved(config.validate(), image, template)
     backbone, prepared = _backbone_and_volume(image, config, progress, cancel, session)
     start = time.perf_counter()
+    previous = session.previous_model(prepared, config) if session is not None else None
     model = train(prepared, template, config, labels, backbone.id, lambda f, s, m: progress(0.55 + 0.05 * f, s, m),
-                  cancel)
+                  cancel, warm_start=previous)
+    if session is not None:
+        session.remember_model(prepared, model)
     train_s = time.perf_counter() - start
     prediction = segment(model, prepared, template, progress, cancel)
     prediction.summary["timings"]["train_s"] = train_s

@@ -64,5 +64,21 @@ class Session:
             self._volumes.popitem(last=False)
         return prepared
 
+    @staticmethod
+    def _training_key(prepared, config: PipelineConfig) -> tuple:
+        # everything that shapes the adapter except the painting itself
+        settings = {k: v for k, v in config.to_dict().items() if k not in pipeline.RUNTIME_FIELDS}
+        return tuple(sorted((k, repr(v)) for k, v in settings.items()))
+
+    def previous_model(self, prepared, config: PipelineConfig):
+        """The model trained last on this prepared volume with the same settings, or None: the
+        warm start of a re-propagation after the user painted or corrected a slice."""
+        volume, key, model = getattr(self, "_last_model", (None, None, None))
+        return model if volume is prepared and key == self._training_key(prepared, config) else None
+
+    def remember_model(self, prepared, model) -> None:
+        self._last_model = (prepared, self._training_key(prepared, model.config), model)
+
     def clear(self) -> None:
+        self._last_model = (None, None, None)
         self._volumes.clear()
