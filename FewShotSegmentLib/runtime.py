@@ -30,8 +30,8 @@ def available_cores() -> int:
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep large freed blocks for reuse; True if it was done. Only on Linux
     with glibc; elsewhere (macOS, Windows, musl) the system allocator is left alone."""
-    if not sys.platform.startswith("linux"):
-        return False
+    if not sys.platform.startswith("linux") or os.environ.get("FEWSHOT_KEEP_FREED_MEMORY") == "0":
+        return False     # the variable is for measuring what this setting is worth
     name = ctypes.util.find_library("c") or "libc.so.6"
     try:
         libc = ctypes.CDLL(name)
