@@ -12,7 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import ADAPTERS, ANATOMICAL_AXES, AXES, DEVICES, REFINEMENTS, PipelineConfig
+from .config import (ADAPTERS, ANATOMICAL_AXES, AXES, COMPILE_MODES, DEVICES, PRECISIONS, REFINEMENTS,
+                     PipelineConfig)
 from .errors import Cancelled, FewShotError, InputError
 
 
@@ -69,7 +70,15 @@ def _config_args(parser):
     g.add_argument("--no-landmarks", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=DEVICES, default="auto")
+    _speed_args(g)
     g.add_argument("--cache-dir", default="", help="reuse encoder features of the same volume")
+
+
+def _speed_args(group, default="auto"):
+    group.add_argument("--precision", choices=PRECISIONS, default=default,
+                       help="encoder arithmetic; auto: bf16 where the CPU/GPU has fast bf16, else fp32")
+    group.add_argument("--compile", choices=COMPILE_MODES, default=default,
+                       help="torch.compile the encoder; auto: when a C++ compiler is available")
 
 
 def _config(args) -> dict:
@@ -78,7 +87,8 @@ def _config(args) -> dict:
         feature_layer=args.feature_layer, modality=args.modality, ct_window=args.ct_window,
         adapter=args.adapter, axis=args.axis, refine=args.refine, sam_checkpoint=args.sam_checkpoint,
         keep_components=args.keep_components, landmarks=not args.no_landmarks, seed=args.seed,
-        device=args.device, cache_dir=args.cache_dir).validate().to_dict()
+        device=args.device, precision=args.precision, compile=args.compile,
+        cache_dir=args.cache_dir).validate().to_dict()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--refine", choices=REFINEMENTS)
     p.add_argument("--device", choices=DEVICES)
+    _speed_args(p, default=None)
     p.add_argument("--cache-dir")
     p.add_argument("--no-landmarks", action="store_true")
     p = sub.add_parser("make-template", help="simulate painting: copy reference labels on chosen slices")
@@ -133,6 +144,7 @@ def main(argv=None) -> int:
                          "output_dir": args.out, "overwrite": args.overwrite, "config": _config(args)})
         else:
             overrides = {k: v for k, v in (("refine", args.refine), ("device", args.device),
+                                           ("precision", args.precision), ("compile", args.compile),
                                            ("cache_dir", args.cache_dir)) if v is not None}
             if args.no_landmarks:
                 overrides["landmarks"] = False
@@ -140,8 +152,10 @@ def main(argv=None) -> int:
                 out = Path(args.out) if len(args.image) == 1 else Path(args.out) / _stem(image)
                 jobs.append({"task": "predict", "image": image, "model": args.model, "output_dir": str(out),
                              "overwrite": args.overwrite, "config": overrides})
+        from .session import Session
+        session = Session()          # several images: the backbone is built (and compiled) once
         for job in jobs:
-            outputs = execute(job, bar, lambda: cancelled["flag"])
+            outputs = execute(job, bar, lambda: cancelled["flag"], session=session)
             bar.close()
             _report(outputs)
             print(json.dumps({"image": job["image"], "outputs": outputs}))
