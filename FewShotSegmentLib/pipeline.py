@@ -467,11 +467,11 @@ def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels:
     config = resolved(config.validate(), image, template)
     backbone, prepared = _backbone_and_volume(image, config, progress, cancel, session)
     start = time.perf_counter()
-    previous = session.previous_model(prepared, config) if session is not None else None
+    previous = session.previous_model(prepared, config, template) if session is not None else None
     model = train(prepared, template, config, labels, backbone.id, lambda f, s, m: progress(0.55 + 0.05 * f, s, m),
                   cancel, warm_start=previous)
     if session is not None:
-        session.remember_model(prepared, model)
+        session.remember_model(prepared, model, template)
     train_s = time.perf_counter() - start
     prediction = segment(model, prepared, template, progress, cancel)
     prediction.summary["timings"]["train_s"] = train_s

@@ -70,15 +70,19 @@ class Session:
         settings = {k: v for k, v in config.to_dict().items() if k not in pipeline.RUNTIME_FIELDS}
         return tuple(sorted((k, repr(v)) for k, v in settings.items()))
 
-    def previous_model(self, prepared, config: PipelineConfig):
-        """The model trained last on this prepared volume with the same settings, or None: the
-        warm start of a re-propagation after the user painted or corrected a slice."""
-        volume, key, model = getattr(self, "_last_model", (None, None, None))
-        return model if volume is prepared and key == self._training_key(prepared, config) else None
+    def previous_model(self, prepared, config: PipelineConfig, template: sitk.Image):
+        """The model trained last on this prepared volume with the same settings from another
+        painting, or None: the warm start of a re-propagation after the user painted or corrected
+        a slice. The same painting again trains from scratch, so the same input gives the same
+        result."""
+        volume, key, painting, model = getattr(self, "_last_model", (None,) * 4)
+        if volume is not prepared or key != self._training_key(prepared, config):
+            return None
+        return None if painting == image_fingerprint(template) else model
 
-    def remember_model(self, prepared, model) -> None:
-        self._last_model = (prepared, self._training_key(prepared, model.config), model)
+    def remember_model(self, prepared, model, template: sitk.Image) -> None:
+        self._last_model = (prepared, self._training_key(prepared, model.config), image_fingerprint(template), model)
 
     def clear(self) -> None:
-        self._last_model = (None, None, None)
+        self._last_model = (None,) * 4
         self._volumes.clear()
