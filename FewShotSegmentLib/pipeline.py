@@ -161,7 +161,8 @@ def resolve_axis(axis: str, image: sitk.Image, template: sitk.Image | None = Non
     stack = stack_axis(image)
     if axis == "stack" or template is None:
         return stack
-    painted = sitk.GetArrayViewFromImage(_to_canonical(template)) != 0
+    canonical = _to_canonical(template)   # a view must not outlive its image (it segfaulted on 512x512x300)
+    painted = sitk.GetArrayViewFromImage(canonical) != 0
     counts = {name: int(painted.any(axis=tuple(a for a in range(3) if a != AXIS_INDEX[name])).sum())
               for name in ANATOMICAL_AXES}
     fewest = min(counts.values())
