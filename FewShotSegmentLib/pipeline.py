@@ -311,6 +311,7 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
     cell = features.frame[0] / features.features.shape[2] / features.scale
     stride = max(1, int(round(cell * model.config.score_stride_cells)))
     weights = neighbour_weights(model.config.smooth_across_mm, prepared.slice_spacing_mm)
+    bf16 = resolve_precision(model.config.precision, torch.device("cpu")) == "bf16"
     radius = len(weights) // 2
     window: dict[int, torch.Tensor] = {}
     out = VolumeScores(*(np.zeros((n, h, w), np.uint8) for _ in range(3)))
@@ -318,9 +319,9 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
         if i < n:
             if cancel and cancel():
                 raise Cancelled("cancelled while propagating")
-            # small ops: a second thread costs more than it gives; bf16 puts the adapter's
-            # matmuls on AMX where the CPU has it
-            with single_thread(), scoring_precision(model.config):
+            # small ops: a second thread costs more than it gives; bf16 (where the encoder runs
+            # bf16, i.e. the CPU has AMX / AVX512-BF16) puts the adapter's matmuls on those units
+            with single_thread(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 window[i] = model.adapter.score_slice(features, i, stride).float()
         j = i - radius                      # the slice whose neighbours are all scored now
         if j < 0:
@@ -335,14 +336,6 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
         window.pop(j - radius, None)
         progress((j + 1) / n, "propagate", f"slice {j + 1}/{n}")
     return out
-
-
-def scoring_precision(config: PipelineConfig):
-    """autocast to bf16 for the adapter's scoring on a CPU when the config's precision resolves to
-    bf16 there (AMX / AVX512-BF16); a no-op otherwise."""
-    device = torch.device("cpu")
-    enabled = resolve_precision(config.precision, device) == "bf16"
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def painted_slices(seeds: np.ndarray | None) -> list[int]:
@@ -466,13 +459,15 @@ def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels:
     ``session`` (session.Session) keeps backbones and encoded volumes between calls."""
     template_labels(template, image, labels)  # fail on a bad template before the slow encoding
     config = resolved(config.validate(), image, template)
-    backbone, prepared = _backbone_and_volume(image, config, progress, cancel, session)
+    backbone = _backbone(config, session)
+    prepared = _prepare(image, config, backbone, progress, cancel, session)
     start = time.perf_counter()
-    previous = session.previous_model(prepared, config, template) if session is not None else None
+    painting = session.painting_key(template) if session is not None else ""
+    previous = session.previous_model(prepared, config, painting) if session is not None else None
     model = train(prepared, template, config, labels, backbone.id, lambda f, s, m: progress(0.55 + 0.05 * f, s, m),
                   cancel, warm_start=previous)
     if session is not None:
-        session.remember_model(prepared, model, template)
+        session.remember_model(prepared, model, painting)
     train_s = time.perf_counter() - start
     prediction = segment(model, prepared, template, progress, cancel)
     prediction.summary["timings"]["train_s"] = train_s
@@ -480,16 +475,26 @@ def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels:
 
 
 # Settings that act after the adapter and may differ from training when applying a saved adapter.
-RUNTIME_FIELDS = ("device", "precision", "compile", "score_stride_cells", "cache_dir", "batch_size", "refine", "n_points", "sam_checkpoint", "landmarks",
-                  "keep_components", "min_component_voxels", "smooth_across_mm", "smooth_final_mm")
+RUNTIME_FIELDS = ("device", "precision", "compile", "score_stride_cells", "cache_dir", "batch_size", "refine",
+                  "n_points", "sam_checkpoint", "landmarks", "keep_components", "min_component_voxels",
+                  "smooth_across_mm", "smooth_final_mm")
+
+
+def _backbone(config: PipelineConfig, session=None) -> Backbone:
+    """The config's backbone: built now, or the session's (built once per process)."""
+    return build_backbone_for(config) if session is None else session.backbone(config)
+
+
+def _prepare(image, config, backbone, progress, cancel, session=None) -> PreparedVolume:
+    """The volume encoded now, or the session's copy when it encoded this volume already."""
+    if session is None:
+        return prepare_volume(image, config, backbone, progress, cancel)
+    return session.prepare(image, config, backbone, progress, cancel)
 
 
 def _backbone_and_volume(image, config, progress, cancel, session):
-    if session is None:
-        backbone = build_backbone_for(config)
-        return backbone, prepare_volume(image, config, backbone, progress, cancel)
-    backbone = session.backbone(config)
-    return backbone, session.prepare(image, config, backbone, progress, cancel)
+    backbone = _backbone(config, session)
+    return backbone, _prepare(image, config, backbone, progress, cancel, session)
 
 
 def predict(model: TrainedModel, image: sitk.Image, progress: Progress = _noop,
@@ -500,10 +505,9 @@ def predict(model: TrainedModel, image: sitk.Image, progress: Progress = _noop,
     runtime = {k: v for k, v in (overrides or {}).items() if k in RUNTIME_FIELDS}
     config = PipelineConfig.from_dict({**model.config.to_dict(), **runtime})
     model = TrainedModel(model.adapter, config, model.label_values, model.labels, model.backbone_id)
-    backbone = build_backbone_for(config) if session is None else session.backbone(config)
+    backbone = _backbone(config, session)
     if model.backbone_id and backbone.id != model.backbone_id:
         raise CheckpointError(f"adapter was trained on features of {model.backbone_id}, "
                               f"but the configured backbone gives {backbone.id}")
-    prepared = (prepare_volume(image, config, backbone, progress, cancel) if session is None
-                else session.prepare(image, config, backbone, progress, cancel))
+    prepared = _prepare(image, config, backbone, progress, cancel, session)
     return segment(model, prepared, None, progress, cancel)

@@ -141,7 +141,6 @@ def refinement_agreement(template: np.ndarray, painted: list[int], features, sli
     a solid organ is reproduced (Dice ~0.9), a ring or a wall around a lumen is filled (low Dice)."""
     rng = np.random.default_rng(seed)
     refiner = _make_refiner(features, sam_checkpoint, device)
-    overlap, total = {}, {}
     with single_thread():
         return _agreement(template, painted, refiner, features, slices01, strategy, n_points, rng)
 

@@ -38,6 +38,7 @@ class Session:
         self._backbones: dict[tuple, Backbone] = {}
         self._volumes: OrderedDict[tuple, pipeline.PreparedVolume] = OrderedDict()
         self.hits = {"backbone": 0, "volume": 0}
+        self._last_model = (None, None, None, None)   # (prepared volume, settings, painting, model)
 
     def backbone(self, config: PipelineConfig) -> Backbone:
         settings = config.to_dict()
@@ -65,23 +66,28 @@ class Session:
         return prepared
 
     @staticmethod
-    def _training_key(prepared, config: PipelineConfig) -> tuple:
+    def _training_key(config: PipelineConfig) -> tuple:
         # everything that shapes the adapter except the painting itself
         settings = {k: v for k, v in config.to_dict().items() if k not in pipeline.RUNTIME_FIELDS}
         return tuple(sorted((k, repr(v)) for k, v in settings.items()))
 
-    def previous_model(self, prepared, config: PipelineConfig, template: sitk.Image):
-        """The model trained last on this prepared volume with the same settings from another
-        painting, or None: the warm start of a re-propagation after the user painted or corrected
-        a slice. The same painting again trains from scratch, so the same input gives the same
-        result."""
-        volume, key, painting, model = getattr(self, "_last_model", (None,) * 4)
-        if volume is not prepared or key != self._training_key(prepared, config):
-            return None
-        return None if painting == image_fingerprint(template) else model
+    @staticmethod
+    def painting_key(template: sitk.Image) -> str:
+        """What identifies a painting (computed once per job: it hashes the whole template)."""
+        return image_fingerprint(template)
 
-    def remember_model(self, prepared, model, template: sitk.Image) -> None:
-        self._last_model = (prepared, self._training_key(prepared, model.config), image_fingerprint(template), model)
+    def previous_model(self, prepared, config: PipelineConfig, painting: str):
+        """The model trained last on this prepared volume with the same settings from another
+        painting (``painting_key``), or None: the warm start of a re-propagation after the user
+        painted or corrected a slice. The same painting again trains from scratch, so the same
+        input gives the same result."""
+        volume, key, last_painting, model = self._last_model
+        if volume is not prepared or key != self._training_key(config) or last_painting == painting:
+            return None
+        return model
+
+    def remember_model(self, prepared, model, painting: str) -> None:
+        self._last_model = (prepared, self._training_key(model.config), painting, model)
 
     def clear(self) -> None:
         self._last_model = (None,) * 4

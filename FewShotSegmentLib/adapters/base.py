@@ -114,8 +114,7 @@ class Adapter:
         self.n_labels = 0
         self.mean: torch.Tensor | None = None
         self.std: torch.Tensor | None = None
-
-        self._warm: dict | None = None
+        self._warm: dict | None = None      # a previous adapter's state to start the next fit from
 
     def warm_start(self, previous: "Adapter") -> None:
         """Start the next fit from ``previous``'s weights and feature standardization (the same

@@ -27,7 +27,7 @@ class ClassificationAdapter(Adapter):
         x = self._standardize(pixels.features)
         y = pixels.labels
         self._build()
-        self.warm_started = self._apply_warm_start()
+        self._apply_warm_start()
         counts = torch.bincount(y, minlength=self.n_labels + 1).float().clamp_min(1)
         loss_fn = torch.nn.CrossEntropyLoss(weight=counts.sum() / counts / len(counts))
         opt = torch.optim.Adam(self.net.parameters(), lr=self.options["lr"], weight_decay=1e-4)

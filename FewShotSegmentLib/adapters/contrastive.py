@@ -69,7 +69,7 @@ class ContrastiveAdapter(Adapter):
         x = self._standardize(pixels.features)
         y = pixels.labels
         self._build()
-        self.warm_started = self._apply_warm_start()
+        self._apply_warm_start()
         members = [torch.nonzero(y == k).flatten() for k in range(self.n_labels + 1)]
         outsiders = [torch.nonzero(y != k).flatten() for k in range(self.n_labels + 1)]
         if any(len(m) == 0 for m in members[1:]):
