@@ -30,7 +30,7 @@ def test_a_changed_painting_warm_starts_and_the_same_painting_does_not(tmp_path)
     warm, _ = pipeline.run(image, more, config, session=session)
     assert session.hits == {"backbone": 1, "volume": 1}          # built and encoded once
     cold, cold_labels = pipeline.run(image, more, config)        # the same painting, fresh process
-    # measured: warm 200 steps (the shortest a plateau can be: 4 windows of 50), cold 350
+    # measured: warm 200 steps, cold 350
     assert warm.adapter.steps_run < cold.adapter.steps_run
 
     again, again_labels = pipeline.run(image, more, config, session=session)
