@@ -12,8 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import (ADAPTERS, ANATOMICAL_AXES, AXES, COMPILE_MODES, DEVICES, PRECISIONS, REFINEMENTS,
-                     PipelineConfig)
+from .config import (ADAPTERS, ANATOMICAL_AXES, AXES, COMPILE_MODES, DEVICES, LOCATIONS, PRECISIONS,
+                     REFINEMENTS, PipelineConfig)
 from .errors import Cancelled, FewShotError, InputError
 
 
@@ -68,6 +68,10 @@ def _config_args(parser):
     g.add_argument("--sam-checkpoint", default="", help="segment-anything SAM weights for refinement")
     g.add_argument("--keep-components", type=int, default=0, help="components kept per label (0: by name)")
     g.add_argument("--no-landmarks", action="store_true")
+    g.add_argument("--location", choices=LOCATIONS, default=PipelineConfig.location,
+                   help="body-relative position as adapter input (off, inplane, 3d)")
+    g.add_argument("--location-prior", type=float, default=PipelineConfig.location_prior,
+                   help="weight of where the template had each label when choosing between labels (0: off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=DEVICES, default="auto")
     _speed_args(g)
@@ -87,6 +91,7 @@ def _config(args) -> dict:
         feature_layer=args.feature_layer, modality=args.modality, ct_window=args.ct_window,
         adapter=args.adapter, axis=args.axis, refine=args.refine, sam_checkpoint=args.sam_checkpoint,
         keep_components=args.keep_components, landmarks=not args.no_landmarks, seed=args.seed,
+        location=args.location, location_prior=args.location_prior,
         device=args.device, precision=args.precision, compile=args.compile,
         cache_dir=args.cache_dir).validate().to_dict()
 
@@ -97,8 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("run", "train on the template slices and label the whole image"),
                             ("train", "train an adapter and save it (no segmentation)")):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--image", required=True, help="volume file or DICOM folder")
-        p.add_argument("--template", required=True, help="label map or .seg.nrrd painted on a few slices")
+        p.add_argument("--image", required=True, action="append",
+                       help="volume file or DICOM folder; repeat with --template to train on several "
+                            "volumes (the first is the one segmented)")
+        p.add_argument("--template", required=True, action="append",
+                       help="label map or .seg.nrrd painted on a few slices (one per --image)")
         p.add_argument("--label", action="append", help="value=name[:r,g,b]; repeat; default: all painted")
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--overwrite", action="store_true")
@@ -119,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="comma-separated label values, e.g. 5,1")
     p.add_argument("--axis", choices=ANATOMICAL_AXES + ("stack",), default="axial")
     p.add_argument("--slices", type=int, default=1, help="number of template slices, spread over the first label")
+    p.add_argument("--protocol", action="store_true",
+                   help="the standard few-shot support slices: each label's slices at 1/6, 1/2, 5/6 of its extent")
     p.add_argument("--out", required=True, help="template file (.nrrd / .nii.gz)")
     p.add_argument("--overwrite", action="store_true")
     return parser
@@ -133,13 +143,18 @@ def main(argv=None) -> int:
         if args.command == "make-template":
             from .templates import make_template_file
             path = make_template_file(args.reference, args.image, [int(v) for v in args.labels.split(",")],
-                                      args.axis, args.slices, args.out, args.overwrite)
+                                      args.axis, args.slices, args.out, args.overwrite, args.protocol)
             print(json.dumps({"template": str(path)}))
             return 0
         from .worker import execute
         jobs = []
         if args.command in ("run", "train"):
-            jobs.append({"task": args.command, "image": args.image, "template": args.template,
+            if len(args.image) != len(args.template):
+                raise InputError(f"give one --template per --image ({len(args.image)} images, "
+                                 f"{len(args.template)} templates)")
+            jobs.append({"task": args.command, "image": args.image[0], "template": args.template[0],
+                         "more_templates": [{"image": i, "template": t}
+                                            for i, t in zip(args.image[1:], args.template[1:])],
                          "labels": {str(k): v for k, v in parse_labels(args.label).items()},
                          "output_dir": args.out, "overwrite": args.overwrite, "config": _config(args)})
         else:

@@ -16,6 +16,7 @@ REFINEMENTS = ("none", "box", "points")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
+LOCATIONS = ("off", "inplane", "3d")
 
 
 @dataclass
@@ -67,6 +68,13 @@ class PipelineConfig:
     # a label is refined only if SAM, prompted on the painted slices, reproduces the painting with
     # at least this Dice (a ring or a nested structure is not: SAM fills it)
     refine_min_dice: float = 0.75
+    # where a pixel lies in the body (location.py) as adapter input: "off", "inplane" (right-left
+    # and anterior-posterior relative to the body outline), "3d" (and along the scan). On by
+    # default: on the CHAOS protocol it lifted cross-patient Dice (benchmarks/results/cross_patient.md)
+    location: str = "inplane"
+    # on a volume, the label scores are weighted by how near each pixel lies to where the template
+    # had the label (pipeline.LocationPrior; the exponent of that weight; 0 disables)
+    location_prior: float = 1.0
     samples_per_label: int = 2000     # training pixels per label per template slice
     batch_size: int = 4               # slices per encoder batch
     cache_dir: str = ""               # feature cache; "" disables
@@ -80,6 +88,8 @@ class PipelineConfig:
             raise InputError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile not in COMPILE_MODES:
             raise InputError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.location not in LOCATIONS:
+            raise InputError(f"location must be one of {LOCATIONS}, got {self.location!r}")
         if self.feature_layer not in ("preneck", "neck"):
             raise InputError(f"feature_layer must be 'preneck' or 'neck', got {self.feature_layer!r}")
         if self.modality not in ("auto", "ct", "mri"):

@@ -20,6 +20,9 @@ Job keys:
     template:    path of a label map with the same geometry as image; non-zero voxels on one or a
                  few slices are the painted templates, each value one label           [run, train]
     labels:      optional {"<value>": {"name": str, "color": [r, g, b] in 0..1}}
+    more_templates: optional [{"image": path, "template": path, "labels": {...}}]: painted slices
+                 of other volumes that train the same adapter; labels are matched by segment name
+                 (every template must paint the same names), each volume weighs the same [run, train]
     model:       path of a saved adapter (.pt) to apply                                [predict]
     output_dir:  folder for the outputs; created if missing
     config:      PipelineConfig fields (see FewShotSegmentLib.config), all optional
@@ -78,6 +81,12 @@ def validate_job(job, source: str = "job") -> dict:
     for key in required + ("output_dir",):
         if not job.get(key):
             raise InputError(f"job for task {task!r} needs {key!r}")
+    more = job.get("more_templates") or []
+    if not isinstance(more, list) or not all(isinstance(e, dict) and e.get("image") and e.get("template")
+                                             for e in more):
+        raise InputError("job 'more_templates' must be a list of {\"image\": path, \"template\": path}")
+    if more and task == "predict":
+        raise InputError("job 'more_templates' belongs to a run or train job, not predict")
     if not isinstance(job.get("config", {}), dict):
         raise InputError("job 'config' must be an object")
     return job

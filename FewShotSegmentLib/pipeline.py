@@ -7,6 +7,7 @@ back onto the input image's own grid.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +22,16 @@ from scipy import ndimage
 from . import __version__
 from .adapters import Adapter, adapter_from_state, create_adapter, sample_training_pixels
 from .acceleration import resolve_precision
-from .adapters.base import single_thread
+from .adapters.base import TrainingPixels, single_thread
 from .backbones import Backbone, build_backbone, pick_device
 from .config import ANATOMICAL_AXES, PipelineConfig
 from .errors import Cancelled, CheckpointError, InputError
 from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, volume_from_slices
 from .guidance import suggest_slices, uncertainty_from_scores
 from .landmarks import landmarks_from_label_map
-from .postprocess import clean_label_map, default_keep
-from .preprocessing import normalize_volume
+from .location import BodyFrame, LocatedFeatures, slice_to_volume
+from .postprocess import choose_components, clean_label_map, default_keep, is_known_organ, strong_components
+from .preprocessing import guess_modality, normalize_volume
 from .refine import refinement_agreement, refine_label_slices
 
 MODEL_FORMAT = "fewshotsegment-adapter"
@@ -64,6 +66,14 @@ class TrainedModel:
     label_values: list[int]               # adapter class k (1-based) -> label value
     labels: dict[int, dict]               # label value -> {"name", "color"}
     backbone_id: str
+    # label value -> [mean u, mean v, spread u, spread v]: where the template had each label,
+    # relative to the body (location.py); the component choice on other volumes checks it
+    locations: dict[int, list[float]] = field(default_factory=dict)
+    modality: str = ""                    # "ct" / "mri" of the training volume(s)
+    # label value -> median cross-section (mm^2) on the painted slices: a component far smaller
+    # than that on another volume is not the organ
+    areas_mm2: dict[int, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
 
     def save(self, path, overwrite: bool = False) -> Path:
         path = Path(path)
@@ -76,6 +86,9 @@ class TrainedModel:
                                 **({"terminology": str(s["terminology"])} if s.get("terminology") else {})}
                        for v, s in self.labels.items()},
             "backbone_id": self.backbone_id, "adapter": self.adapter.state(),
+            "locations": {str(v): [float(x) for x in loc] for v, loc in self.locations.items()},
+            "modality": self.modality,
+            "areas_mm2": {str(v): float(a) for v, a in self.areas_mm2.items()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -99,7 +112,11 @@ class TrainedModel:
                        config=PipelineConfig.from_dict(payload["config"]),
                        label_values=[int(v) for v in payload["label_values"]],
                        labels={int(v): dict(s) for v, s in payload["labels"].items()},
-                       backbone_id=str(payload["backbone_id"]))
+                       backbone_id=str(payload["backbone_id"]),
+                       locations={int(v): [float(x) for x in loc]
+                                  for v, loc in (payload.get("locations") or {}).items()},
+                       modality=str(payload.get("modality", "")),
+                       areas_mm2={int(v): float(a) for v, a in (payload.get("areas_mm2") or {}).items()})
         except (KeyError, TypeError, RuntimeError, InputError) as exc:
             raise CheckpointError(f"adapter file {path} is incomplete or from another version: {exc}") from None
 
@@ -112,11 +129,35 @@ class PreparedVolume:
     features: VolumeFeatures
     axis: str
     seconds: float
+    modality: str = ""                    # "ct" / "mri", as normalized
+    _body: BodyFrame | None = field(default=None, repr=False)
+
+    @property
+    def body(self) -> BodyFrame:
+        """The patient's body outline per axial slice (location.py), found once per volume."""
+        if self._body is None:
+            self._body = BodyFrame.from_volume(volume_from_slices(self.slices01, self.axis))
+        return self._body
+
+    def adapter_features(self, location: str):
+        """What the adapters see: the encoder's features, with location channels when asked."""
+        return self.features if location == "off" else LocatedFeatures(self.features, self.body, self.axis, location)
+
+    def body_position(self, zyx: np.ndarray) -> np.ndarray:
+        """(n, 3) canonical (z, y, x) voxels -> (n, 2) body-relative (u, v)."""
+        return self.body.coordinates(np.asarray(zyx, np.float64))[:, :2]
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:
         """Voxel size (mm) of the canonical volume's (z, y, x) array axes."""
         return tuple(_to_canonical(self.image).GetSpacing()[::-1])
+
+    @property
+    def pixel_area_mm2(self) -> float:
+        """Area of one pixel of a slice along the propagation axis."""
+        spacing = list(self.spacing_zyx)
+        spacing.pop(AXIS_INDEX[self.axis])
+        return float(spacing[0] * spacing[1])
 
     @property
     def slice_spacing_mm(self) -> float:
@@ -196,11 +237,14 @@ def prepare_volume(image: sitk.Image, config: PipelineConfig, backbone: Backbone
     start = time.perf_counter()
     axis = resolve_axis(config.axis, image)
     canonical = _to_canonical(image)
-    volume = normalize_volume(sitk.GetArrayFromImage(canonical), config.modality, config.ct_window)
+    raw = sitk.GetArrayFromImage(canonical)
+    modality = guess_modality(raw) if config.modality == "auto" else config.modality
+    volume = normalize_volume(raw, modality, config.ct_window)
+    del raw
     slices = slices_along(volume, axis)
     features = encode_volume(slices, backbone, batch_size=config.batch_size, cache_dir=config.cache_dir,
                              progress=progress, cancel=cancel, progress_range=progress_range)
-    return PreparedVolume(image, slices, features, axis, time.perf_counter() - start)
+    return PreparedVolume(image, slices, features, axis, time.perf_counter() - start, modality)
 
 
 def template_labels(template: sitk.Image, image: sitk.Image, labels: dict | None) -> tuple[list[int], dict[int, dict]]:
@@ -234,16 +278,65 @@ def train(prepared: PreparedVolume, template: sitk.Image, config: PipelineConfig
     """Train the configured adapter on the template's painted slices of ``prepared``.
     ``warm_start``: a model trained earlier on this volume (same adapter kind and labels) whose
     weights the training starts from; ignored when it does not fit."""
-    values, meta = template_labels(template, prepared.image, labels)
-    config = PipelineConfig.from_dict({**config.to_dict(), "axis": prepared.axis})
-    index_map = _to_index(prepared.to_slices(template), values)
-    template_slices = [i for i in range(len(index_map)) if index_map[i].any()]
-    present = set(np.unique(index_map[template_slices]).tolist()) - {0}
-    if len(present) < len(values):
-        raise InputError("a label has no template pixels along the chosen axis")
+    return train_many([(prepared, template, labels)], config, backbone_id, progress, cancel, warm_start)
+
+
+def match_labels(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]]) -> list[tuple[list[int], dict]]:
+    """Label values and metadata of each template, the templates matched by segment name: every
+    template must paint the same names (values may differ between files). The first template's
+    values and order are the model's."""
+    matched = []
+    first_names = None
+    for number, (prepared, template, labels) in enumerate(examples, start=1):
+        values, meta = template_labels(template, prepared.image, labels)
+        names = [meta[v]["name"] for v in values]
+        if len(set(names)) != len(names):
+            raise InputError(f"template {number} gives two labels the same name: {names}")
+        if first_names is None:
+            first_names = names
+        elif set(names) != set(first_names):
+            raise InputError(f"template {number} paints labels {sorted(names)} but template 1 paints "
+                             f"{sorted(first_names)}: every template must paint the same segment names")
+        by_name = {meta[v]["name"]: v for v in values}
+        matched.append(([by_name[name] for name in first_names], meta))
+    return matched
+
+
+def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], config: PipelineConfig,
+               backbone_id: str = "", progress: Progress = _noop, cancel: Callable[[], bool] | None = None,
+               warm_start: TrainedModel | None = None) -> TrainedModel:
+    """One adapter from the painted slices of one or several volumes: ``examples`` are
+    (prepared volume, template on its grid, labels or None). Labels are matched by name
+    (match_labels); every volume contributes as many training pixels of each label (the smallest
+    volume's count), so a volume painted on more slices does not outweigh the others."""
+    if not examples:
+        raise InputError("no template given")
+    axes = {prepared.axis for prepared, _, _ in examples}
+    if len(axes) > 1:
+        raise InputError(f"the templates are painted along different axes {sorted(axes)}")
+    modalities = {prepared.modality for prepared, _, _ in examples}
+    if len(modalities) > 1:
+        raise InputError(f"the template volumes mix modalities {sorted(modalities)}: train one adapter per modality")
+    matched = match_labels(examples)
+    config = PipelineConfig.from_dict({**config.to_dict(), "axis": examples[0][0].axis})
     rng = np.random.default_rng(config.seed)
-    pixels = sample_training_pixels(prepared.features, index_map, template_slices, config.samples_per_label,
-                                    config.negative_margin_px, rng, config.negative_margin_fraction)
+    per_volume, positions, areas = [], {}, {}
+    for (prepared, template, _), (values, _) in zip(examples, matched):
+        index_map = _to_index(prepared.to_slices(template), values)
+        template_slices = [i for i in range(len(index_map)) if index_map[i].any()]
+        present = set(np.unique(index_map[template_slices]).tolist()) - {0}
+        if len(present) < len(values):
+            raise InputError("a label has no template pixels along the chosen axis")
+        per_volume.append(sample_training_pixels(prepared.adapter_features(config.location), index_map,
+                                                 template_slices, config.samples_per_label,
+                                                 config.negative_margin_px, rng, config.negative_margin_fraction))
+        pixel_mm2 = prepared.pixel_area_mm2
+        for k in range(1, len(values) + 1):
+            positions.setdefault(k, []).append(_label_positions(prepared, index_map, k, rng))
+            counts = (index_map == k).reshape(len(index_map), -1).sum(1)
+            areas.setdefault(k, []).extend((counts[counts > 0] * pixel_mm2).tolist())
+    pixels = balance_pixels(per_volume, rng)
+    values, meta = matched[0]
     options = {"basic": dict(threshold=config.threshold, center_features=config.center_features),
                "classification": dict(epochs=config.epochs),
                "contrastive": dict(steps=config.steps, threshold=config.threshold,
@@ -253,7 +346,40 @@ def train(prepared: PreparedVolume, template: sitk.Image, config: PipelineConfig
         adapter.warm_start(warm_start.adapter)
     torch.manual_seed(config.seed)
     adapter.fit(pixels, progress=lambda f, m: progress(f, "train", m), cancel=cancel)
-    return TrainedModel(adapter, config, values, meta, backbone_id)
+    locations = {}
+    for k, value in enumerate(values, start=1):
+        uv = np.concatenate(positions[k])
+        locations[value] = [*uv.mean(0).tolist(), *uv.std(0).tolist()]
+    areas_mm2 = {value: float(np.median(areas[k])) for k, value in enumerate(values, start=1)}
+    return TrainedModel(adapter, config, values, meta, backbone_id, locations, examples[0][0].modality, areas_mm2)
+
+
+def _label_positions(prepared: PreparedVolume, index_map: np.ndarray, k: int, rng, count: int = 4000) -> np.ndarray:
+    """Body-relative (u, v) of up to ``count`` painted pixels of label k (its place in the body)."""
+    where = np.argwhere(index_map == k)
+    where = where[rng.choice(len(where), size=min(count, len(where)), replace=False)]
+    zyx = np.concatenate([slice_to_volume(int(i), where[where[:, 0] == i, 1], where[where[:, 0] == i, 2],
+                                          prepared.axis) for i in np.unique(where[:, 0])])
+    return prepared.body_position(zyx)
+
+
+def balance_pixels(per_volume: list[TrainingPixels], rng) -> TrainingPixels:
+    """Training pixels of several volumes, each volume given the same number of every label's
+    (and the background's) pixels: the smallest volume's count."""
+    if len(per_volume) == 1:
+        return per_volume[0]
+    feats, labels = [], []
+    classes = sorted(set().union(*(set(p.labels.unique().tolist()) for p in per_volume)))
+    for k in classes:
+        pools = [torch.nonzero(p.labels == k).flatten() for p in per_volume]
+        n = min(len(pool) for pool in pools if len(pool)) if any(len(pool) for pool in pools) else 0
+        for p, pool in zip(per_volume, pools):
+            if len(pool) == 0:
+                continue
+            pick = pool[torch.from_numpy(rng.choice(len(pool), size=n, replace=False))]
+            feats.append(p.features[pick])
+            labels.append(p.labels[pick])
+    return TrainingPixels(torch.cat(feats), torch.cat(labels))
 
 
 def _to_index(stack: np.ndarray, values: list[int]) -> np.ndarray:
@@ -294,6 +420,7 @@ class VolumeScores:
     index: np.ndarray           # uint8: winning class (0 background, k = k-th label)
     runner_up: np.ndarray       # uint8: second most probable class
     uncertainty: np.ndarray     # uint8 0..255 (guidance.uncertainty_from_scores)
+    confidence: np.ndarray      # uint8 0..255: the winning class's probability
 
 
 def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progress = _noop,
@@ -303,7 +430,7 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
     Each slice's class probabilities are averaged with its neighbours' (``smooth_across_mm``)
     before the decision, so an organ's outline does not jump from slice to slice. Only the
     window of neighbouring slices is held in memory."""
-    features = prepared.features
+    features = prepared.adapter_features(model.config.location)
     n = len(features)
     h, w = features.slice_shape
     # Feature cells are 4 / scale pixels (LiteMedSAM); scoring every pixel of a cell several times
@@ -313,8 +440,9 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
     weights = neighbour_weights(model.config.smooth_across_mm, prepared.slice_spacing_mm)
     bf16 = resolve_precision(model.config.precision, torch.device("cpu")) == "bf16"
     radius = len(weights) // 2
+    prior = LocationPrior(model, prepared, stride) if model.config.location_prior > 0 and model.locations else None
     window: dict[int, torch.Tensor] = {}
-    out = VolumeScores(*(np.zeros((n, h, w), np.uint8) for _ in range(3)))
+    out = VolumeScores(*(np.zeros((n, h, w), np.uint8) for _ in range(4)))
     for i in range(n + radius):
         if i < n:
             if cancel and cancel():
@@ -323,6 +451,8 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
             # bf16, i.e. the CPU has AMX / AVX512-BF16) puts the adapter's matmuls on those units
             with single_thread(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 window[i] = model.adapter.score_slice(features, i, stride).float()
+            if prior is not None:
+                window[i] = prior.apply(window[i], i)
         j = i - radius                      # the slice whose neighbours are all scored now
         if j < 0:
             continue
@@ -332,10 +462,39 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
         top = full.topk(min(2, len(full)), dim=0)
         out.index[j] = top.indices[0].numpy()
         out.runner_up[j] = top.indices[-1].numpy()
+        out.confidence[j] = np.round(top.values[0].clamp(0, 1).numpy() * 255).astype(np.uint8)
         out.uncertainty[j] = uncertainty_from_scores(full.numpy())
         window.pop(j - radius, None)
         progress((j + 1) / n, "propagate", f"slice {j + 1}/{n}")
     return out
+
+
+class LocationPrior:
+    """Where each label was on the template, as evidence for which label a foreground pixel
+    is: every label's score is weighted by exp(-d^2 / 2) ** weight, d the pixel's distance from the
+    label's mean body-relative position (u, v) in units of the label's spread there (widened by
+    0.15, what one patient differs from another), and rescaled so that the best label keeps the
+    best score. So the features alone still decide organ against background (and the confidence
+    of a voxel), and location decides between organs the features cannot tell apart (the left and
+    the right kidney, spleen against liver tissue)."""
+
+    def __init__(self, model: TrainedModel, prepared: PreparedVolume, stride: int):
+        h, w = prepared.features.slice_shape
+        self.rows, self.cols = np.meshgrid(np.arange(0, h, stride), np.arange(0, w, stride), indexing="ij")
+        self.prepared, self.weight = prepared, model.config.location_prior
+        stats = np.array([model.locations[v] for v in model.label_values], np.float32)   # (K, 4)
+        self.mean = torch.from_numpy(stats[:, :2])[:, :, None, None]
+        self.spread = torch.from_numpy(np.hypot(stats[:, 2:4], 0.15))[:, :, None, None]
+
+    def apply(self, scores: torch.Tensor, index: int) -> torch.Tensor:
+        zyx = slice_to_volume(index, self.rows.ravel(), self.cols.ravel(), self.prepared.axis)
+        uv = torch.from_numpy(self.prepared.body_position(zyx).T.reshape(2, *self.rows.shape).astype(np.float32))
+        d2 = (((uv[None] - self.mean) / self.spread) ** 2).sum(1)                # (K, H', W')
+        labels = scores[1:]
+        weighted = labels * torch.exp(-0.5 * self.weight * d2)
+        top = labels.max(0).values
+        weighted = weighted * (top / weighted.max(0).values.clamp_min(1e-12))
+        return torch.cat([scores[:1], weighted])
 
 
 def painted_slices(seeds: np.ndarray | None) -> list[int]:
@@ -372,7 +531,9 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
         stages["adapter"] = prepared.from_slices(values[index])
     keep = {k: config.keep_components or default_keep(model.labels[v]["name"])
             for k, v in enumerate(model.label_values, start=1)}
-    index = _paint(_clean(index, seeds, keep, config.min_component_voxels, prepared.axis), seeds, painted)
+    evidence = {}
+    index = _paint(_clean_by_evidence(index, seeds, keep, scored.confidence, model, prepared, evidence),
+                   seeds, painted)
     if keep_stages:
         stages["components"] = prepared.from_slices(values[index])
     refinement = {}
@@ -391,7 +552,7 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
                                     config.seed, config.sam_checkpoint, device,
                                     lambda f, m: progress(0.8 + 0.15 * f, "refine", m), cancel,
                                     refine_values=refine_values, skip_slices=painted)
-        index = _paint(_clean(index, seeds, keep, config.min_component_voxels, prepared.axis), seeds, painted)
+        index = _paint(_clean_by_evidence(index, seeds, keep, scored.confidence, model, prepared), seeds, painted)
         timings["refine_s"] = time.perf_counter() - start
         if keep_stages:
             stages["refined"] = prepared.from_slices(values[index])
@@ -408,6 +569,7 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     counts = {model.labels[v]["name"]: int((values[index] == v).sum()) for v in model.label_values}
     missing = [name for name, n in counts.items() if n == 0]
     summary = {"voxels": counts, "not_found": missing, "timings": timings, "axis": prepared.axis,
+               "components": evidence,
                "painted_slices": painted, "refinement": refinement, "suggested_slices": suggestions,
                "landmarks": [{"label": p["label"], "position_lps": list(p["position"])} for p in landmarks]}
     progress(1.0, "done", "segmentation finished" + (f"; not found: {missing}" if missing else ""))
@@ -445,6 +607,38 @@ def _smooth_labels(index: np.ndarray, sigma_mm: float, prepared: PreparedVolume)
     return np.ascontiguousarray(slices_along(result, prepared.axis))
 
 
+def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prepared: PreparedVolume,
+                       report: dict | None = None) -> np.ndarray:
+    """The component clean-up (postprocess.py). With a painting: components touching it, plus,
+    for labels whose name is not a known organ, the components the adapter is sure of. Without
+    one (another patient): per label the component(s) with the best evidence, none when nothing
+    is convincing. ``report`` collects the kept components' evidence per label name."""
+    config, axis = model.config, prepared.axis
+    if seeds is not None:
+        cleaned = _clean(index, seeds, keep, config.min_component_voxels, axis)
+        for k, value in enumerate(model.label_values, start=1):
+            if is_known_organ(model.labels[value]["name"]):
+                continue
+            extra = strong_components(volume_from_slices(index == k, axis), volume_from_slices(seeds == k, axis),
+                                      volume_from_slices(confidence, axis),
+                                      config.min_component_voxels)
+            volume_from_slices(cleaned, axis)[extra & (volume_from_slices(cleaned, axis) == 0)] = k
+        return cleaned
+    volume = volume_from_slices(index, axis)
+    conf = volume_from_slices(confidence, axis)
+    cleaned = np.zeros(volume.shape, np.uint8)
+    for k, value in enumerate(model.label_values, start=1):
+        expected = model.locations.get(value)
+        area = model.areas_mm2.get(value, 0.0) / prepared.pixel_area_mm2
+        mask, kept = choose_components(volume == k, conf, keep[k], config.min_component_voxels,
+                                       prepared.body_position if expected else None, expected, area,
+                                       AXIS_INDEX[axis])
+        cleaned[mask] = k
+        if report is not None:
+            report[model.labels[value]["name"]] = kept
+    return np.ascontiguousarray(slices_along(cleaned, axis))
+
+
 def _clean(index, seeds, keep, min_voxels, axis):
     # component analysis is 3D: put the slice axis back where it belongs so neighbours are real
     cleaned = clean_label_map(volume_from_slices(index, axis),
@@ -454,24 +648,43 @@ def _clean(index, seeds, keep, min_voxels, axis):
 
 def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels: dict | None = None,
         progress: Progress = _noop, cancel: Callable[[], bool] | None = None,
-        session=None) -> tuple[TrainedModel, Prediction]:
-    """Train on the template slices of ``image`` and label the rest of the same image.
+        session=None, more: list[tuple[sitk.Image, sitk.Image, dict | None]] = ()) -> tuple[TrainedModel, Prediction]:
+    """Train on the template slices of ``image`` (and of the ``more`` (image, template, labels)
+    of other volumes) and label the rest of ``image``.
     ``session`` (session.Session) keeps backbones and encoded volumes between calls."""
-    template_labels(template, image, labels)  # fail on a bad template before the slow encoding
-    config = resolved(config.validate(), image, template)
-    backbone = _backbone(config, session)
-    prepared = _prepare(image, config, backbone, progress, cancel, session)
-    start = time.perf_counter()
-    painting = session.painting_key(template) if session is not None else ""
-    previous = session.previous_model(prepared, config, painting) if session is not None else None
-    model = train(prepared, template, config, labels, backbone.id, lambda f, s, m: progress(0.55 + 0.05 * f, s, m),
-                  cancel, warm_start=previous)
-    if session is not None:
-        session.remember_model(prepared, model, painting)
-    train_s = time.perf_counter() - start
+    model, prepared = fit(image, template, config, labels, progress, cancel, session, more)
+    train_s = model.train_seconds
     prediction = segment(model, prepared, template, progress, cancel)
     prediction.summary["timings"]["train_s"] = train_s
     return model, prediction
+
+
+def fit(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels: dict | None = None,
+        progress: Progress = _noop, cancel: Callable[[], bool] | None = None, session=None,
+        more: list[tuple[sitk.Image, sitk.Image, dict | None]] = ()) -> tuple[TrainedModel, PreparedVolume]:
+    """The adapter of a run (see run), and the prepared first volume."""
+    examples = [(image, template, labels)] + list(more)
+    for other, other_template, other_labels in examples:   # bad templates fail before the slow encoding
+        template_labels(other_template, other, other_labels)
+    config = resolved(config.validate(), image, template)
+    backbone = _backbone(config, session)
+    share = 0.55 / len(examples)
+    prepared = [_prepare(im, config, backbone, _scaled(progress, i * share, share / 0.55), cancel,
+                         session if i == 0 else None)
+                for i, (im, _, _) in enumerate(examples)]
+    start = time.perf_counter()
+    painting = session.painting_key(template) if session is not None and not more else ""
+    previous = session.previous_model(prepared[0], config, painting) if painting else None
+    model = train_many([(p, t, lab) for p, (_, t, lab) in zip(prepared, examples)], config, backbone.id,
+                       lambda f, s, m: progress(0.55 + 0.05 * f, s, m), cancel, warm_start=previous)
+    if painting:
+        session.remember_model(prepared[0], model, painting)
+    model.train_seconds = time.perf_counter() - start
+    return model, prepared[0]
+
+
+def _scaled(progress: Progress, offset: float, factor: float) -> Progress:
+    return lambda f, s, m: progress(offset + factor * f, s, m)
 
 
 # Settings that act after the adapter and may differ from training when applying a saved adapter.
@@ -504,10 +717,23 @@ def predict(model: TrainedModel, image: sitk.Image, progress: Progress = _noop,
     ``overrides`` may change the RUNTIME_FIELDS; the others are the adapter's and are ignored."""
     runtime = {k: v for k, v in (overrides or {}).items() if k in RUNTIME_FIELDS}
     config = PipelineConfig.from_dict({**model.config.to_dict(), **runtime})
-    model = TrainedModel(model.adapter, config, model.label_values, model.labels, model.backbone_id)
+    model = dataclasses.replace(model, config=config)
     backbone = _backbone(config, session)
     if model.backbone_id and backbone.id != model.backbone_id:
         raise CheckpointError(f"adapter was trained on features of {model.backbone_id}, "
                               f"but the configured backbone gives {backbone.id}")
+    _check_modality(model, image, config)
     prepared = _prepare(image, config, backbone, progress, cancel, session)
     return segment(model, prepared, None, progress, cancel)
+
+
+def _check_modality(model: TrainedModel, image: sitk.Image, config: PipelineConfig) -> None:
+    """An adapter learned on CT features does not apply to MRI (or the reverse): say so before encoding."""
+    if not model.modality:
+        return
+    modality = config.modality
+    if modality == "auto":
+        modality = guess_modality(sitk.GetArrayViewFromImage(image)[::4, ::4, ::4])
+    if modality != model.modality:
+        raise InputError(f"the adapter was trained on {model.modality.upper()} and this image looks like "
+                         f"{modality.upper()}: train an adapter on this modality")

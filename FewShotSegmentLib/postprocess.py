@@ -92,3 +92,100 @@ def default_keep(name: str) -> int:
     if words & SIDE_WORDS:
         return 1
     return 2 if any(organ in name.lower() for organ in PAIRED_ORGAN_WORDS) else 1
+
+
+# Single organs whose name says there is one of it: on the painted volume a component that does
+# not touch the painting is dropped for these (it is a false positive elsewhere in the body);
+# labels with other names ("Segment_1", "lesions", "vertebrae") may really have several parts.
+SINGLE_ORGAN_WORDS = ("liver", "spleen", "stomach", "pancreas", "gallbladder", "aorta", "heart", "bladder",
+                      "prostate", "uterus", "esophagus", "oesophagus", "duodenum", "trachea", "brain",
+                      "thyroid", "sacrum", "cava", "portal", "bowel", "colon", "rectum")
+
+
+def is_known_organ(name: str) -> bool:
+    """True when the name is an organ with a known number of parts (one, or one per side)."""
+    lowered = name.lower()
+    words = set(re.split(r"[^a-z]+", lowered))
+    return bool(words & SIDE_WORDS) or any(w in lowered for w in SINGLE_ORGAN_WORDS + PAIRED_ORGAN_WORDS)
+
+
+# Evidence thresholds, fixed a priori (not fitted to the development patients): a component is
+# convincing when the adapter's mean probability for its label over it is at least MIN_CONFIDENCE
+# and its body-relative position lies within LOCATION_SIGMAS of where the template had the label.
+MIN_CONFIDENCE = 0.6
+LOCATION_SIGMAS = 3.0
+STRONG_CONFIDENCE = 0.8      # painted volume, unknown names: unseeded components kept above this
+# ...and when its largest cross-section is at least this fraction of the label's typical painted
+# one (the organ of another adult differs far less than 2x; a sliver next to it is smaller)
+MIN_AREA_FRACTION = 0.5
+
+
+def component_evidence(components: np.ndarray, count: int, confidence: np.ndarray | None,
+                       position=None, expected=None) -> list[dict]:
+    """Per component 1..count: {"component", "voxels", "confidence" (mean probability, 0..1),
+    "distance" (in template spreads; 0 without location), "score"}. ``position``: maps (n, 3)
+    (z, y, x) centroids to (n, 2) body-relative (u, v); ``expected``: (mean u, mean v, spread u,
+    spread v) of the label on the template. score = voxels x confidence x location agreement."""
+    index = np.arange(1, count + 1)
+    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    means = (np.asarray(ndimage.mean(confidence.astype(np.float32) / 255.0, components, index))
+             if confidence is not None else np.ones(count))
+    distances = np.zeros(count)
+    if position is not None and expected is not None and count:
+        centroids = np.asarray(ndimage.center_of_mass(np.ones(components.shape, np.uint8), components, index))
+        uv = position(np.nan_to_num(centroids.reshape(-1, 3)))
+        spread = np.hypot(np.asarray(expected[2:4], float), 0.15)   # the organ's extent + patient variation
+        distances = np.hypot((uv[:, 0] - expected[0]) / spread[0], (uv[:, 1] - expected[1]) / spread[1])
+    out = []
+    for c, size, mean, distance in zip(index, sizes, np.nan_to_num(means), distances):
+        agreement = float(np.exp(-0.5 * distance ** 2))
+        out.append({"component": int(c), "voxels": int(size), "confidence": round(float(mean), 4),
+                    "distance": round(float(distance), 3), "score": float(size * mean * agreement)})
+    return out
+
+
+def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int = 1, min_voxels: int = 20,
+                      position=None, expected=None, painted_area: float = 0.0,
+                      slice_axis: int = 0) -> tuple[np.ndarray, list[dict]]:
+    """On a volume without painting: keep the ``keep`` components of a label's (z, y, x) mask that
+    the evidence supports best (component_evidence), never simply the largest; none when no
+    component is convincing (the label is then "not found"). ``painted_area``: the label's median
+    cross-section on the template's painted slices, in this volume's pixels (0: not checked);
+    a component's largest cross-section along ``slice_axis`` must reach MIN_AREA_FRACTION of it.
+    Returns (mask, evidence of the kept)."""
+    components, count = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_3D)
+    if count == 0:
+        return np.zeros(mask.shape, bool), []
+    sizes = np.bincount(components.ravel())
+    big = [c for c in range(1, count + 1) if sizes[c] >= min_voxels]
+    if not big:
+        return np.zeros(mask.shape, bool), []
+    relabelled = np.where(np.isin(components, big), components, 0)
+    evidence = component_evidence(relabelled, count, confidence, position, expected)
+    candidates = [e for e in evidence if e["component"] in big and e["confidence"] >= MIN_CONFIDENCE
+                  and e["distance"] <= LOCATION_SIGMAS]
+    if painted_area > 0 and candidates:
+        boxes = ndimage.find_objects(relabelled)
+        for e in candidates:
+            box = boxes[e["component"] - 1]
+            inside = np.moveaxis(relabelled[box] == e["component"], slice_axis, 0)
+            e["area_fraction"] = round(float(inside.reshape(len(inside), -1).sum(1).max()) / painted_area, 3)
+        candidates = [e for e in candidates if e["area_fraction"] >= MIN_AREA_FRACTION]
+    kept = sorted(candidates, key=lambda e: (-e["score"], e["component"]))[:keep]
+    return np.isin(components, [e["component"] for e in kept]), kept
+
+
+def strong_components(mask: np.ndarray, seed: np.ndarray, confidence: np.ndarray | None,
+                      min_voxels: int = 20) -> np.ndarray:
+    """Components of ``mask`` that do not touch ``seed`` but that the adapter is sure of (mean
+    probability >= STRONG_CONFIDENCE): the other lesions or vertebrae of a label of unknown name."""
+    if confidence is None:
+        return np.zeros(mask.shape, bool)
+    components, count = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_3D)
+    if count == 0:
+        return np.zeros(mask.shape, bool)
+    seeded = set(np.unique(components[np.asarray(seed, bool)]).tolist()) - {0}
+    evidence = component_evidence(components, count, confidence)
+    keep = [e["component"] for e in evidence if e["component"] not in seeded
+            and e["voxels"] >= min_voxels and e["confidence"] >= STRONG_CONFIDENCE]
+    return np.isin(components, keep)

@@ -47,12 +47,18 @@ def canonical_axis(image: sitk.Image, axis_name: str) -> int:
     return 2 - index_axis
 
 
-def make_template_file(reference_path, image_path, values, axis_name, count, out, overwrite=False):
+def make_template_file(reference_path, image_path, values, axis_name, count, out, overwrite=False,
+                       protocol=False):
+    """``protocol``: the standard few-shot support slices of every label (protocol_slices), each
+    painted with every label of ``values`` on it; else ``count`` slices spread over the first label."""
     image = io.read_image(image_path)
     reference_img = io.read_labelmap(reference_path, reference=image)
     reference = sitk.GetArrayFromImage(reference_img)
     axis = canonical_axis(image, axis_name)
-    slices = template_slices(reference, values[0], axis, count)
+    if protocol:
+        slices = sorted({s for v in values for s in protocol_slices(reference, v, axis)})
+    else:
+        slices = template_slices(reference, values[0], axis, count)
     template = sitk.GetImageFromArray(make_template(reference, values, axis, slices))
     template.CopyInformation(reference_img)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -102,3 +108,37 @@ def _put(volume: np.ndarray, axis: int, index: int, plane: np.ndarray) -> None:
     where = [slice(None)] * 3
     where[axis] = index
     volume[tuple(where)] = plane
+
+
+def protocol_slices(reference: np.ndarray, value: int, axis: int) -> list[int]:
+    """The standard CHAOS few-shot support slices of one organ (SSL-ALPNet, Ouyang et al. 2020):
+    of the slices containing it, those at 1/6, 1/2 and 5/6 of the list (the centre of each third)."""
+    present = np.nonzero((reference == value).any(axis=tuple(a for a in range(3) if a != axis)))[0]
+    if len(present) == 0:
+        raise InputError(f"label {value} is not in the reference")
+    return sorted({int(present[min(len(present) - 1, int(len(present) * f))]) for f in (1 / 6, 1 / 2, 5 / 6)})
+
+
+def disc_template(reference: np.ndarray, values: list[int], axis: int, radius_px: float = 5.0) -> tuple[np.ndarray, dict]:
+    """A small disc of each label at its reference point: the centroid of the label on its middle
+    slice (moved to the nearest label pixel when the centroid falls outside it), as a user marks a
+    landmark with a few strokes. Returns the template and {value: (z, y, x) disc centre}."""
+    template = np.zeros_like(reference)
+    centres = {}
+    for value in values:
+        mask = reference == value
+        index = template_slices(reference, value, axis, 1)[0]
+        plane = np.take(mask, index, axis=axis)
+        rows, cols = np.nonzero(plane)
+        r, c = rows.mean(), cols.mean()
+        nearest = int(np.argmin((rows - r) ** 2 + (cols - c) ** 2))
+        r, c = rows[nearest], cols[nearest]
+        yy, xx = np.ogrid[:plane.shape[0], :plane.shape[1]]
+        disc = (yy - r) ** 2 + (xx - c) ** 2 <= radius_px ** 2
+        target = np.take(template, index, axis=axis)
+        target[disc] = value
+        _put(template, axis, index, target)
+        centre = [float(r), float(c)]
+        centre.insert(axis, float(index))
+        centres[value] = tuple(centre)
+    return template, centres

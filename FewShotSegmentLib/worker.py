@@ -56,15 +56,19 @@ def execute(job: dict, progress: pipeline.Progress = pipeline._noop,
     if task in ("run", "train"):
         template, labels = _read_template(job["template"], image, labels)
         _check(cancel, "reading the template")
+        more = []
+        for entry in job.get("more_templates") or []:
+            other = io.read_image(entry["image"])
+            other_labels = {int(k): v for k, v in (entry.get("labels") or {}).items()} or labels
+            other_template, other_labels = _read_template(entry["template"], other, other_labels)
+            more.append((other, other_template, other_labels))
+            _check(cancel, "reading the templates")
         if task == "train":
-            pipeline.template_labels(template, image, labels)  # a bad template fails before encoding
-            config = pipeline.resolved(config.validate(), image, template)
-            backbone, prepared = pipeline._backbone_and_volume(image, config, progress, cancel, session)
-            model = pipeline.train(prepared, template, config, labels, backbone.id,
-                                   lambda f, s, m: progress(0.55 + 0.45 * f, s, m), cancel)
+            model, _ = pipeline.fit(image, template, config, labels, progress, cancel, session, more)
             prediction = None
         else:
-            model, prediction = pipeline.run(image, template, config, labels, progress, cancel, session=session)
+            model, prediction = pipeline.run(image, template, config, labels, progress, cancel, session=session,
+                                             more=more)
     else:
         model = pipeline.TrainedModel.load(job["model"])
         _check(cancel, "reading the adapter")

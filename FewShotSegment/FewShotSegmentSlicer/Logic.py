@@ -124,10 +124,12 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
 
     def start(self, task, inputVolume, templateSegmentation=None, segmentIds=None, modelPath=None,
               config=None, outputName=None, keepModelAs=None, callback: Callable = None,
-              preview=False, parameterNode=None) -> FewShotJob:
+              preview=False, parameterNode=None, moreTemplates=None) -> FewShotJob:
         """Write the job and start the worker in the background; returns at once. Drive it with
         poll() (or wait()), stop it with cancel(). task: "run", "train" or "predict". With preview=True
-        the result replaces the content of parameterNode's preview nodes (created when missing)."""
+        the result replaces the content of parameterNode's preview nodes (created when missing).
+        moreTemplates: [(volume node, segmentation node)] of other patients whose painted slices
+        train the same adapter ("run", "train"); their segments are matched by name."""
         if self.job is not None and self.job.running:
             raise FewShotJobError("a FewShotSegment job is already running; cancel it first")
         if task not in ("run", "train", "predict"):
@@ -156,8 +158,16 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
                 templatePath = Path(tempDir) / "template.nrrd"
                 labels, paintingHash = MrmlConversion.exportTemplate(templateSegmentation, inputVolume,
                                                                      segmentIds, templatePath)
-                templateHash = AdapterFiles.trainingFingerprint(paintingHash, config)
                 job["template"] = str(templatePath)
+                for number, (volume, segmentation) in enumerate(moreTemplates or [], start=1):
+                    otherTemplate = Path(tempDir) / f"template_{number}.nrrd"
+                    otherLabels, otherHash = MrmlConversion.exportTemplate(segmentation, volume, None, otherTemplate)
+                    job.setdefault("more_templates", []).append({
+                        "image": str(self.writeVolume(volume, Path(tempDir) / f"image_{number}.nrrd")),
+                        "template": str(otherTemplate),
+                        "labels": {str(label.value): {"name": label.name} for label in otherLabels}})
+                    paintingHash += otherHash
+                templateHash = AdapterFiles.trainingFingerprint(paintingHash, config)
             if labels:
                 job["labels"] = {str(label.value): {"name": label.name, "color": [float(c) for c in label.color]}
                                  for label in labels}
@@ -420,20 +430,21 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
         raise FewShotJobError(f"FewShotSegment {job.task} failed: {job.error}")
 
     def run(self, inputVolume, templateSegmentation, segmentIds=None, config=None, wait=True,
-            outputName=None, keepModelAs=None, callback=None):
+            outputName=None, keepModelAs=None, callback=None, moreTemplates=None):
         """Train on the painted template slices and label the whole volume into NEW nodes. With
         wait=True returns a FewShotResult (raises FewShotJobError on failure); else the running job."""
         job = self.start("run", inputVolume, templateSegmentation, segmentIds=segmentIds, config=config,
-                         outputName=outputName, keepModelAs=keepModelAs, callback=callback)
+                         outputName=outputName, keepModelAs=keepModelAs, callback=callback,
+                         moreTemplates=moreTemplates)
         return self._resultOrRaise(self.wait(job)) if wait else job
 
     def train(self, inputVolume, templateSegmentation, modelPath=None, segmentIds=None, config=None,
-              wait=True, callback=None, parameterNode=None):
+              wait=True, callback=None, parameterNode=None, moreTemplates=None):
         """Train an adapter only; it is saved to modelPath (default: the per-user adapter folder)
         with a .labels.json side file holding the segment names, colours and terminology."""
         job = self.start("train", inputVolume, templateSegmentation, segmentIds=segmentIds, config=config,
                          keepModelAs=modelPath or self.defaultAdapterPath(inputVolume), callback=callback,
-                         parameterNode=parameterNode)
+                         parameterNode=parameterNode, moreTemplates=moreTemplates)
         return self._resultOrRaise(self.wait(job)) if wait else job
 
     def predict(self, inputVolume, modelPath, config=None, wait=True, outputName=None, callback=None):

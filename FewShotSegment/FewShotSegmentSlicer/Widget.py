@@ -378,5 +378,8 @@ class FewShotSegmentPanel:
                                              foregroundOpacity=0.4 if result.uncertaintyNode else 0.0)
         how = "reused the trained adapter" if job.task == "predict" else "trained on the current painting"
         name = result.segmentationNode.GetName() if result.segmentationNode is not None else ""
-        self._showStatus(f"Done in {elapsed:.0f} s ({how}): '{name}'. Accept or Discard the preview.")
+        missing = (result.summary or {}).get("not_found") or []
+        # a label the evidence did not support is reported, not drawn as a false positive
+        notFound = f" Not found: {', '.join(missing)}." if missing else ""
+        self._showStatus(f"Done in {elapsed:.0f} s ({how}): '{name}'.{notFound} Accept or Discard the preview.")
         self.updateButtons()

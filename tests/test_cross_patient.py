@@ -1,0 +1,145 @@
+"""Across patients through the CLI (issue 6): an adapter trained on the standard few-shot support
+slices of one CHAOS patient (or of two) labels another patient; an organ that is not in the scan
+is reported "not found"; templates that disagree and a volume of another modality are refused
+with a one-line message.
+
+Floors sit 0.05 below what this test measured (default settings, seed 0): see FLOORS;
+benchmarks/results/cross_patient.md has all 20 pairs.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from FewShotSegmentLib import cli, io
+from FewShotSegmentLib.metrics import dice
+
+ORGANS = {1: "liver", 2: "kidney_right", 3: "kidney_left", 4: "spleen"}
+LABEL_ARGS = [f"{v}={name}" for v, name in ORGANS.items()]
+# Dice within each organ's slice range on P2 (the protocol's convention), measured - 0.05
+FLOORS = {
+    # measured 0.890, 0.908, 0.925, 0.793
+    "P1->P2": {"liver": 0.84, "kidney_right": 0.86, "kidney_left": 0.87, "spleen": 0.74},
+    # measured 0.882, 0.937, 0.916, 0.545: P3's spleen lies far anterior, and with it as a second
+    # template the spleen label takes in stomach (see cross_patient.md)
+    "P1+P3->P2": {"liver": 0.83, "kidney_right": 0.88, "kidney_left": 0.86, "spleen": 0.49},
+}
+
+
+@pytest.fixture(scope="module")
+def chaos(shared_data, tmp_path_factory, feature_cache):
+    root = tmp_path_factory.mktemp("cross")
+    data = shared_data / "chaos_mri"
+    paths = {n: (data / f"image_{n}.nii.gz", data / f"label_{n}.nii.gz") for n in (1, 2, 3)}
+    templates = {}
+    for n in (1, 3):
+        out = root / f"template_{n}.nii.gz"
+        assert cli.main(["make-template", "--reference", str(paths[n][1]), "--image", str(paths[n][0]),
+                         "--labels", "1,2,3,4", "--protocol", "--out", str(out)]) == 0
+        templates[n] = out
+    return {"root": root, "paths": paths, "templates": templates, "cache": feature_cache}
+
+
+def _train(chaos, patients, out):
+    argv = ["train", "--out", str(out), "--cache-dir", chaos["cache"]]
+    for n in patients:
+        argv += ["--image", str(chaos["paths"][n][0]), "--template", str(chaos["templates"][n])]
+    for item in LABEL_ARGS:
+        argv += ["--label", item]
+    return cli.main(argv)
+
+
+def _range_dice(labels: np.ndarray, reference: np.ndarray) -> dict:
+    scores = {}
+    for value, name in ORGANS.items():
+        present = np.flatnonzero((reference == value).any((1, 2)))
+        window = slice(present[0], present[-1] + 1)
+        scores[name] = dice(labels[window] == value, reference[window] == value)
+    return scores
+
+
+@pytest.fixture(scope="module")
+def one_support(chaos):
+    out = chaos["root"] / "p1"
+    assert _train(chaos, [1], out) == 0
+    return out / "adapter.pt"
+
+
+def _predict(chaos, model, image, out):
+    code = cli.main(["predict", "--model", str(model), "--image", str(image), "--out", str(out),
+                     "--cache-dir", chaos["cache"]])
+    return code, out
+
+
+def _check_floors(chaos, model, key, capsys):
+    code, out = _predict(chaos, model, chaos["paths"][2][0], chaos["root"] / key.replace(">", ""))
+    assert code == 0
+    labels = sitk.GetArrayFromImage(io.read_image(out / "labels.nrrd"))
+    reference = sitk.GetArrayFromImage(io.read_labelmap(chaos["paths"][2][1]))
+    scores = _range_dice(labels, reference)
+    print(key, json.dumps(scores))
+    for name, floor in FLOORS[key].items():
+        assert not math.isnan(scores[name]) and scores[name] >= floor, (key, name, scores)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["not_found"] == []
+    assert set(summary["components"]) == set(ORGANS.values())
+
+
+def test_cross_patient_every_organ_including_the_right_kidney(chaos, one_support, capsys):
+    _check_floors(chaos, one_support, "P1->P2", capsys)
+
+
+def test_templates_of_two_patients_train_one_adapter(chaos, capsys):
+    out = chaos["root"] / "p1p3"
+    assert _train(chaos, [1, 3], out) == 0
+    _check_floors(chaos, out / "adapter.pt", "P1+P3->P2", capsys)
+
+
+def test_an_absent_organ_is_not_found(chaos, one_support, capsys):
+    """P2 cut above its kidneys: the kidneys are not in the scan, the liver and spleen are."""
+    image = io.read_image(chaos["paths"][2][0])
+    reference = sitk.GetArrayFromImage(io.read_labelmap(chaos["paths"][2][1]))
+    kidneys = np.flatnonzero(np.isin(reference, (2, 3)).any((1, 2)))
+    top = int(kidneys.max()) + 2                  # array axis 0 runs to superior in this file (LAS)
+    assert (reference[top:] == 1).any() and (reference[top:] == 4).any()
+    cropped = image[:, :, top:]
+    path = chaos["root"] / "p2_above_kidneys.nii.gz"
+    sitk.WriteImage(cropped, str(path))
+    code, out = _predict(chaos, one_support, path, chaos["root"] / "absent")
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"kidney_right", "kidney_left"} <= set(summary["not_found"]), summary["not_found"]
+    assert "liver" not in summary["not_found"]
+    labels = sitk.GetArrayFromImage(io.read_image(out / "labels.nrrd"))
+    assert not np.isin(labels, (2, 3)).any()
+    assert "not found: kidney_right, kidney_left" in capsys.readouterr().err
+
+
+def test_templates_that_disagree_are_refused_in_one_line(chaos, capsys):
+    """P3's template without its spleen: the two templates do not paint the same names."""
+    template = io.read_labelmap(chaos["templates"][3])
+    array = sitk.GetArrayFromImage(template)
+    array[array == 4] = 0
+    bad = sitk.GetImageFromArray(array)
+    bad.CopyInformation(template)
+    path = chaos["root"] / "template_3_no_spleen.nii.gz"
+    sitk.WriteImage(bad, str(path))
+    out = chaos["root"] / "disagree"
+    argv = ["train", "--out", str(out), "--image", str(chaos["paths"][1][0]), "--template",
+            str(chaos["templates"][1]), "--image", str(chaos["paths"][3][0]), "--template", str(path)]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fewshot-segment: error: template 2 paints labels")
+    assert not (out / "adapter.pt").exists()
+    assert cli.main(argv[:7] + ["--template", str(path)]) == 1          # one template per image
+    assert "give one --template per --image" in capsys.readouterr().err
+
+
+def test_a_volume_of_another_modality_is_refused(chaos, one_support, shared_data, capsys):
+    code, out = _predict(chaos, one_support, shared_data / "totalseg_ct" / "example_ct.nii.gz",
+                         chaos["root"] / "ct")
+    assert code == 1
+    assert "the adapter was trained on MRI and this image looks like CT" in capsys.readouterr().err
+    assert not (out / "labels.nrrd").exists()
