@@ -69,11 +69,13 @@ class PipelineConfig:
     # at least this Dice (a ring or a nested structure is not: SAM fills it)
     refine_min_dice: float = 0.75
     # where a pixel lies in the body (location.py) as adapter input: "off", "inplane" (right-left
-    # and anterior-posterior relative to the body outline), "3d" (and along the scan). On by
-    # default: on the CHAOS protocol it lifted cross-patient Dice (benchmarks/results/cross_patient.md)
-    location: str = "inplane"
-    # on a volume, the label scores are weighted by how near each pixel lies to where the template
-    # had the label (pipeline.LocationPrior; the exponent of that weight; 0 disables)
+    # and anterior-posterior relative to the body outline), "3d" (and along the scan). Off by
+    # default: across patients it added 0.02 Dice, but on a volume painted on one slice per organ
+    # it moved organs by up to 0.05 either way (benchmarks/results/cross_patient.md)
+    location: str = "off"
+    # on a volume without painting (another patient), the label scores are weighted by how near
+    # each pixel lies to where the template had the label (pipeline.LocationPrior; the exponent of
+    # that weight; 0 disables)
     location_prior: float = 1.0
     samples_per_label: int = 2000     # training pixels per label per template slice
     batch_size: int = 4               # slices per encoder batch

@@ -424,7 +424,7 @@ class VolumeScores:
 
 
 def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progress = _noop,
-                 cancel: Callable[[], bool] | None = None) -> VolumeScores:
+                 cancel: Callable[[], bool] | None = None, use_prior: bool = False) -> VolumeScores:
     """Adapter class per pixel, with the runner-up and the uncertainty between them.
 
     Each slice's class probabilities are averaged with its neighbours' (``smooth_across_mm``)
@@ -440,7 +440,8 @@ def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progre
     weights = neighbour_weights(model.config.smooth_across_mm, prepared.slice_spacing_mm)
     bf16 = resolve_precision(model.config.precision, torch.device("cpu")) == "bf16"
     radius = len(weights) // 2
-    prior = LocationPrior(model, prepared, stride) if model.config.location_prior > 0 and model.locations else None
+    prior = LocationPrior(model, prepared, stride) \
+        if use_prior and model.config.location_prior > 0 and model.locations else None
     window: dict[int, torch.Tensor] = {}
     out = VolumeScores(*(np.zeros((n, h, w), np.uint8) for _ in range(4)))
     for i in range(n + radius):
@@ -522,7 +523,11 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     start = time.perf_counter()
     seeds = None if template is None else _to_index(prepared.to_slices(template), model.label_values)
     painted = painted_slices(seeds)
-    scored = score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel)
+    # the location prior only where nothing is painted: on the painted volume the painting anchors
+    # each label (seeded components), and a label painted on one slice gives too narrow a spread
+    # (measured on CHAOS P1, one slice per organ: spleen 0.96 -> 0.80 with the prior)
+    scored = score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel,
+                          use_prior=template is None)
     index = _paint(scored.index.copy(), seeds, painted)
     timings["propagate_s"] = time.perf_counter() - start
     values = np.array([0] + model.label_values, dtype=np.uint16)
