@@ -13,9 +13,8 @@ Volumes arrive here in the canonical LPS orientation (pipeline.CANONICAL, chosen
 image's direction cosines), so array x runs towards the patient's left and y towards posterior:
 left and right come from the physical direction, never from array order.
 
-The body is the largest foreground region of each axial slice (Otsu threshold of the normalized
-volume, holes filled); its bounding box is smoothed along z so one odd slice does not shift
-the frame.
+The body is the largest foreground region of each axial slice (body_mask); its bounding box is
+smoothed along z so one odd slice does not shift the frame.
 """
 from __future__ import annotations
 
@@ -24,9 +23,12 @@ import torch
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from .config import LOCATIONS as MODES
 from .errors import InputError
 
-MODES = ("off", "inplane", "3d")
+# how far (in body-relative units) an organ's place differs from one patient to the next, added to
+# the template's own spread wherever a position is compared with the template's
+PATIENT_VARIATION = 0.15
 # each coordinate c in [-1, 1] enters the adapter as c, sin(pi f c), cos(pi f c) for these f: a
 # smooth code an MLP can threshold anywhere, and as many channels per coordinate as a few features
 FREQUENCIES = (0.5, 1.0)
@@ -106,9 +108,10 @@ def encode(coords: np.ndarray, mode: str) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(parts, 1).astype(np.float32))
 
 
-def slice_to_volume(index: int, rows: np.ndarray, cols: np.ndarray, axis: str) -> np.ndarray:
-    """Pixels (rows, cols) of slice ``index`` along ``axis`` -> (n, 3) canonical (z, y, x)."""
-    i = np.full(len(rows), index, dtype=np.float64)
+def slice_to_volume(index, rows: np.ndarray, cols: np.ndarray, axis: str) -> np.ndarray:
+    """Pixels (rows, cols) of slice ``index`` (one, or one per pixel) along ``axis`` -> (n, 3)
+    canonical (z, y, x)."""
+    i = np.broadcast_to(np.asarray(index, dtype=np.float64), (len(rows),))
     r, c = np.asarray(rows, np.float64), np.asarray(cols, np.float64)
     if axis == "axial":
         return np.stack([i, r, c], 1)

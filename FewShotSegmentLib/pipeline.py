@@ -29,7 +29,7 @@ from .errors import Cancelled, CheckpointError, InputError
 from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, volume_from_slices
 from .guidance import suggest_slices, uncertainty_from_scores
 from .landmarks import landmarks_from_label_map
-from .location import BodyFrame, LocatedFeatures, slice_to_volume
+from .location import PATIENT_VARIATION, BodyFrame, LocatedFeatures, slice_to_volume
 from .postprocess import choose_components, clean_label_map, default_keep, is_known_organ, strong_components
 from .preprocessing import guess_modality, normalize_volume
 from .refine import refinement_agreement, refine_label_slices
@@ -358,9 +358,7 @@ def _label_positions(prepared: PreparedVolume, index_map: np.ndarray, k: int, rn
     """Body-relative (u, v) of up to ``count`` painted pixels of label k (its place in the body)."""
     where = np.argwhere(index_map == k)
     where = where[rng.choice(len(where), size=min(count, len(where)), replace=False)]
-    zyx = np.concatenate([slice_to_volume(int(i), where[where[:, 0] == i, 1], where[where[:, 0] == i, 2],
-                                          prepared.axis) for i in np.unique(where[:, 0])])
-    return prepared.body_position(zyx)
+    return prepared.body_position(slice_to_volume(where[:, 0], where[:, 1], where[:, 2], prepared.axis))
 
 
 def balance_pixels(per_volume: list[TrainingPixels], rng) -> TrainingPixels:
@@ -372,7 +370,7 @@ def balance_pixels(per_volume: list[TrainingPixels], rng) -> TrainingPixels:
     classes = sorted(set().union(*(set(p.labels.unique().tolist()) for p in per_volume)))
     for k in classes:
         pools = [torch.nonzero(p.labels == k).flatten() for p in per_volume]
-        n = min(len(pool) for pool in pools if len(pool)) if any(len(pool) for pool in pools) else 0
+        n = min(len(pool) for pool in pools if len(pool))      # k is in at least one volume
         for p, pool in zip(per_volume, pools):
             if len(pool) == 0:
                 continue
@@ -474,7 +472,7 @@ class LocationPrior:
     """Where each label was on the template, as evidence for which label a foreground pixel
     is: every label's score is weighted by exp(-d^2 / 2) ** weight, d the pixel's distance from the
     label's mean body-relative position (u, v) in units of the label's spread there (widened by
-    0.15, what one patient differs from another), and rescaled so that the best label keeps the
+    location.PATIENT_VARIATION), and rescaled so that the best label keeps the
     best score. So the features alone still decide organ against background (and the confidence
     of a voxel), and location decides between organs the features cannot tell apart (the left and
     the right kidney, spleen against liver tissue)."""
@@ -485,7 +483,7 @@ class LocationPrior:
         self.prepared, self.weight = prepared, model.config.location_prior
         stats = np.array([model.locations[v] for v in model.label_values], np.float32)   # (K, 4)
         self.mean = torch.from_numpy(stats[:, :2])[:, :, None, None]
-        self.spread = torch.from_numpy(np.hypot(stats[:, 2:4], 0.15))[:, :, None, None]
+        self.spread = torch.from_numpy(np.hypot(stats[:, 2:4], PATIENT_VARIATION))[:, :, None, None]
 
     def apply(self, scores: torch.Tensor, index: int) -> torch.Tensor:
         zyx = slice_to_volume(index, self.rows.ravel(), self.cols.ravel(), self.prepared.axis)

@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
+from .location import PATIENT_VARIATION
 
 CONNECTIVITY_3D = np.ones((3, 3, 3), bool)
 # Organs that come in pairs; a label named only "kidney" or "lungs" is expected to have 2 parts.
@@ -120,24 +121,24 @@ STRONG_CONFIDENCE = 0.8      # painted volume, unknown names: unseeded component
 MIN_AREA_FRACTION = 0.5
 
 
-def component_evidence(components: np.ndarray, count: int, confidence: np.ndarray | None,
+def component_evidence(components: np.ndarray, index, confidence: np.ndarray | None,
                        position=None, expected=None) -> list[dict]:
-    """Per component 1..count: {"component", "voxels", "confidence" (mean probability, 0..1),
+    """Per component number in ``index``: {"component", "voxels", "confidence" (mean probability, 0..1),
     "distance" (in template spreads; 0 without location), "score"}. ``position``: maps (n, 3)
     (z, y, x) centroids to (n, 2) body-relative (u, v); ``expected``: (mean u, mean v, spread u,
     spread v) of the label on the template. score = voxels x confidence x location agreement."""
-    index = np.arange(1, count + 1)
-    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    index = np.asarray(index, dtype=np.int64)
+    sizes = np.bincount(components.ravel())[index]
     means = (np.asarray(ndimage.mean(confidence.astype(np.float32) / 255.0, components, index))
-             if confidence is not None else np.ones(count))
-    distances = np.zeros(count)
-    if position is not None and expected is not None and count:
+             if confidence is not None else np.ones(len(index)))
+    distances = np.zeros(len(index))
+    if position is not None and expected is not None and len(index):
         centroids = np.asarray(ndimage.center_of_mass(np.ones(components.shape, np.uint8), components, index))
-        uv = position(np.nan_to_num(centroids.reshape(-1, 3)))
-        spread = np.hypot(np.asarray(expected[2:4], float), 0.15)   # the organ's extent + patient variation
+        uv = position(centroids.reshape(-1, 3))
+        spread = np.hypot(np.asarray(expected[2:4], float), PATIENT_VARIATION)
         distances = np.hypot((uv[:, 0] - expected[0]) / spread[0], (uv[:, 1] - expected[1]) / spread[1])
     out = []
-    for c, size, mean, distance in zip(index, sizes, np.nan_to_num(means), distances):
+    for c, size, mean, distance in zip(index, sizes, means, distances):
         agreement = float(np.exp(-0.5 * distance ** 2))
         out.append({"component": int(c), "voxels": int(size), "confidence": round(float(mean), 4),
                     "distance": round(float(distance), 3), "score": float(size * mean * agreement)})
@@ -160,15 +161,13 @@ def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int
     big = [c for c in range(1, count + 1) if sizes[c] >= min_voxels]
     if not big:
         return np.zeros(mask.shape, bool), []
-    relabelled = np.where(np.isin(components, big), components, 0)
-    evidence = component_evidence(relabelled, count, confidence, position, expected)
-    candidates = [e for e in evidence if e["component"] in big and e["confidence"] >= MIN_CONFIDENCE
-                  and e["distance"] <= LOCATION_SIGMAS]
+    evidence = component_evidence(components, big, confidence, position, expected)
+    candidates = [e for e in evidence if e["confidence"] >= MIN_CONFIDENCE and e["distance"] <= LOCATION_SIGMAS]
     if painted_area > 0 and candidates:
-        boxes = ndimage.find_objects(relabelled)
+        boxes = ndimage.find_objects(components)
         for e in candidates:
             box = boxes[e["component"] - 1]
-            inside = np.moveaxis(relabelled[box] == e["component"], slice_axis, 0)
+            inside = np.moveaxis(components[box] == e["component"], slice_axis, 0)
             e["area_fraction"] = round(float(inside.reshape(len(inside), -1).sum(1).max()) / painted_area, 3)
         candidates = [e for e in candidates if e["area_fraction"] >= MIN_AREA_FRACTION]
     kept = sorted(candidates, key=lambda e: (-e["score"], e["component"]))[:keep]
@@ -185,7 +184,7 @@ def strong_components(mask: np.ndarray, seed: np.ndarray, confidence: np.ndarray
     if count == 0:
         return np.zeros(mask.shape, bool)
     seeded = set(np.unique(components[np.asarray(seed, bool)]).tolist()) - {0}
-    evidence = component_evidence(components, count, confidence)
+    evidence = component_evidence(components, range(1, count + 1), confidence)
     keep = [e["component"] for e in evidence if e["component"] not in seeded
             and e["voxels"] >= min_voxels and e["confidence"] >= STRONG_CONFIDENCE]
     return np.isin(components, keep)
