@@ -4,7 +4,10 @@ Uncertainty is the adapter's own: 1 - 2 x (margin between the most and second mo
 of a voxel), after smoothing across slices, clipped to [0, 1] (0: one class leads by 0.5 or more;
 1: a tie). A slice is worth painting when many voxels on it are doubtful, weighted by how far it
 lies from the slices already painted for the labels concerned (a slice next to a painted one is
-already well constrained). Suggestions are picked greedily: once a slice is suggested it counts
+already well constrained). Only doubt that a correction can turn into a change of the result
+counts: where the label is, or where it is the runner-up near where it is (label_reach);
+background far from a label is doubtful wherever the adapter is lukewarm, but the clean-up
+removes anything found there. Suggestions are picked greedily: once a slice is suggested it counts
 as painted for the next pick, so suggestions spread over the volume.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 
 DOUBTFUL = 0.5          # uncertainty above which a voxel counts as doubtful
 REACH_SLICES = 3.0      # distance (slices) from a painted slice beyond which a slice counts fully
+REACH_MARGIN = 0.1      # a label's result box is widened by this fraction of its size (label_reach)
 
 
 def uncertainty_from_scores(scores) -> np.ndarray:
@@ -25,10 +29,30 @@ def uncertainty_from_scores(scores) -> np.ndarray:
     return np.round(np.clip(1.0 - 2.0 * margin, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+def label_reach(index: np.ndarray, label: int, margin: float = REACH_MARGIN) -> tuple[slice, slice, slice]:
+    """The box around where ``label`` is in the (N, H, W) result, widened by ``margin`` of its
+    size on every side (at least REACH_SLICES slices along the stack): the only place where a
+    correction can change that label, since the clean-up keeps only components at the painting.
+    The whole stack when the label is nowhere (then anywhere may be where it was missed)."""
+    where = np.nonzero(index == label)
+    if len(where[0]) == 0:
+        return (slice(None),) * 3
+    box = []
+    for axis, coords in enumerate(where):
+        lo, hi = int(coords.min()), int(coords.max()) + 1
+        grow = max(margin * (hi - lo), REACH_SLICES if axis == 0 else 1.0)
+        box.append(slice(max(0, int(lo - grow)), min(index.shape[axis], int(np.ceil(hi + grow)))))
+    return tuple(box)
+
+
 def doubt_per_slice(uncertainty: np.ndarray, runner_up: np.ndarray, index: np.ndarray, label: int) -> np.ndarray:
-    """(N,) number of doubtful voxels on each slice where ``label`` is the winner or the runner-up."""
+    """(N,) number of doubtful voxels on each slice where ``label`` is the winner, or the
+    runner-up near where the label is (label_reach): a doubtful background voxel far from every
+    component of the label cannot become it."""
     doubtful = uncertainty > DOUBTFUL * 255
-    concerned = (index == label) | (runner_up == label)
+    near = np.zeros(index.shape, bool)
+    near[label_reach(index, label)] = True
+    concerned = (index == label) | ((runner_up == label) & near)
     return (doubtful & concerned).reshape(len(index), -1).sum(1).astype(np.float64)
 
 

@@ -510,9 +510,10 @@ def _paint(index: np.ndarray, seeds: np.ndarray | None, painted: list[int]) -> n
 
 def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image | None = None,
             progress: Progress = _noop, cancel: Callable[[], bool] | None = None,
-            keep_stages: bool = False) -> Prediction:
+            keep_stages: bool = False, suggestion_count: int = 5) -> Prediction:
     """Label every slice of ``prepared``; ``template`` (same image) seeds the component clean-up,
-    decides which labels SAM may refine, and is copied onto its painted slices."""
+    decides which labels SAM may refine, and is copied onto its painted slices. The prediction
+    carries the ``suggestion_count`` slices most worth painting next."""
     config = model.config
     if config.axis in ANATOMICAL_AXES and config.axis != prepared.axis:
         raise InputError(f"the adapter propagates along {config.axis} slices, the volume was prepared "
@@ -567,7 +568,8 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     painted_per_label = {k: [i for i in painted if (seeds[i] == k).any()] or painted
                          for k in range(1, len(model.label_values) + 1)}
     suggestions = [_describe_slice(s, prepared, model) for s in
-                   suggest_slices(uncertainty, scored.runner_up, index, painted_per_label)]
+                   suggest_slices(uncertainty, scored.runner_up, index, painted_per_label,
+                                  suggestion_count)]
     landmarks = landmarks_from_label_map(label_image, model.labels) if config.landmarks else []
     counts = {model.labels[v]["name"]: int((values[index] == v).sum()) for v in model.label_values}
     missing = [name for name, n in counts.items() if n == 0]

@@ -58,20 +58,30 @@ class LiteMedSAMRefiner:
     @torch.inference_mode()
     def logits(self, embedding: torch.Tensor, scale: float, slice_shape, box=None, points=None) -> np.ndarray:
         """Mask logits on the slice grid for one prompt; box xyxy / points xy in slice pixels."""
-        h, w = slice_shape
-        boxes = None if box is None else torch.as_tensor((box + 0.5) * scale, device=self.device).view(1, 1, 4)
         pts = None
         if points is not None:
             coords = torch.as_tensor((points + 0.5) * scale, device=self.device)[None]
             pts = (coords, torch.ones(coords.shape[:2], device=self.device, dtype=torch.int))
-        sparse, dense = self.model.prompt_encoder(points=pts, boxes=boxes, masks=None)
+        boxes = None if box is None else np.asarray(box, np.float32)[None]
+        return self._decode(embedding, scale, slice_shape, boxes, pts)[0]
+
+    @torch.inference_mode()
+    def box_logits(self, embedding: torch.Tensor, scale: float, slice_shape, boxes: np.ndarray) -> np.ndarray:
+        """(B, H, W) logits for B boxes (B, 4) xyxy on one slice, in ONE decoder batch (the decoder
+        repeats the image embedding per prompt), instead of B decoder calls."""
+        return self._decode(embedding, scale, slice_shape, np.asarray(boxes, np.float32), None)
+
+    def _decode(self, embedding, scale, slice_shape, boxes, pts) -> np.ndarray:
+        h, w = slice_shape
+        box_tensor = None if boxes is None else torch.as_tensor((boxes + 0.5) * scale, device=self.device)[:, None]
+        sparse, dense = self.model.prompt_encoder(points=pts, boxes=box_tensor, masks=None)
         low, _ = self.model.mask_decoder(image_embeddings=embedding[None].float().to(self.device),
                                          image_pe=self.model.prompt_encoder.get_dense_pe(),
                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                          multimask_output=False)
         full = F.interpolate(low, size=(256, 256), mode="bilinear", align_corners=False)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        return F.interpolate(full[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+        return F.interpolate(full[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)[:, 0].float().cpu().numpy()
 
 
 class SAMRefiner:
@@ -117,20 +127,25 @@ def _make_refiner(features, sam_checkpoint: str, device):
     return LiteMedSAMRefiner(device=device)
 
 
-def _prompt_logits(refiner, features, slices01, index, shape, box, points) -> np.ndarray:
-    """SAM logits on slice ``index`` for one prompt, -inf outside its box (SAM can leak past its
-    box; the region it was asked about is inside)."""
-    if isinstance(refiner, SAMRefiner):
+def _slice_logits(refiner, features, slices01, index, shape, prompts) -> list[np.ndarray]:
+    """SAM logits on slice ``index`` for each (box, points) prompt, -inf outside its box. Box
+    prompts on LiteMedSAM are decoded in one batch."""
+    if isinstance(refiner, LiteMedSAMRefiner) and prompts and all(p is None for _, p in prompts):
+        logits = list(refiner.box_logits(features.sam_embeddings[index], features.scale, shape,
+                                         np.stack([b for b, _ in prompts])))
+    elif isinstance(refiner, SAMRefiner):
         refiner.set_slice(index, slices01[index])
-        logit = refiner.logits(box=box, points=points)
+        logits = [refiner.logits(box=b, points=p) for b, p in prompts]
     else:
-        logit = refiner.logits(features.sam_embeddings[index], features.scale, shape, box=box, points=points)
-    if box is not None:
-        c0, r0, c1, r1 = box.astype(int)
-        outside = np.ones(shape, bool)
-        outside[r0:r1 + 1, c0:c1 + 1] = False
-        logit[outside] = -np.inf
-    return logit
+        logits = [refiner.logits(features.sam_embeddings[index], features.scale, shape, box=b, points=p)
+                  for b, p in prompts]
+    for logit, (box, _) in zip(logits, prompts):
+        if box is not None:
+            c0, r0, c1, r1 = box.astype(int)
+            outside = np.ones(shape, bool)
+            outside[r0:r1 + 1, c0:c1 + 1] = False
+            logit[outside] = -np.inf
+    return logits
 
 
 def refinement_agreement(template: np.ndarray, painted: list[int], features, slices01: np.ndarray,
@@ -152,8 +167,9 @@ def _agreement(template, painted, refiner, features, slices01, strategy, n_point
         for value in np.unique(plane[plane > 0]):
             mask = plane == value
             drawn = np.zeros(plane.shape, bool)
-            for box, points in component_prompts(mask, strategy, n_points, rng):
-                drawn |= _prompt_logits(refiner, features, slices01, index, plane.shape, box, points) > 0
+            for logit in _slice_logits(refiner, features, slices01, index, plane.shape,
+                                       component_prompts(mask, strategy, n_points, rng)):
+                drawn |= logit > 0
             overlap[value] = overlap.get(value, 0) + 2 * int((drawn & mask).sum())
             total[value] = total.get(value, 0) + int(drawn.sum() + mask.sum())
     return {int(v): overlap[v] / total[v] if total[v] else 0.0 for v in overlap}
@@ -197,10 +213,13 @@ def _refine_slice(plane, refiner, features, slices01, index, strategy, n_points,
     claimable = ~np.isin(plane, fixed)
     result = np.where(claimable, 0, plane).astype(plane.dtype)
     best = np.full(plane.shape, 0.0, dtype=np.float32)   # logit 0 = SAM's decision boundary
+    prompts, owners = [], []
     for value in sorted(refine_values & set(np.unique(plane).tolist())):
-        for box, points in component_prompts(plane == value, strategy, n_points, rng):
-            logit = _prompt_logits(refiner, features, slices01, index, plane.shape, box, points)
-            win = (logit > best) & claimable
-            result[win] = value
-            best[win] = logit[win]
+        for prompt in component_prompts(plane == value, strategy, n_points, rng):
+            prompts.append(prompt)
+            owners.append(value)
+    for value, logit in zip(owners, _slice_logits(refiner, features, slices01, index, plane.shape, prompts)):
+        win = (logit > best) & claimable
+        result[win] = value
+        best[win] = logit[win]
     return result
