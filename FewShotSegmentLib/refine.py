@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .backbones import load_litemedsam, load_state_dict
-from .adapters.base import single_thread
+from .runtime import small_ops
 from .errors import Cancelled, CheckpointError, InputError
 
 MIN_COMPONENT_PIXELS = 5
@@ -127,13 +127,54 @@ def _make_refiner(features, sam_checkpoint: str, device):
     return LiteMedSAMRefiner(device=device)
 
 
+class DecodedBoxes:
+    """LiteMedSAM's answer to each box prompt already asked on a volume, kept with the volume's
+    features (``features.decoded_boxes``): the logits depend only on the slice's embedding and
+    the box, so a re-propagation whose clean-up gives a slice the same box as before reuses them
+    instead of running the decoder again. Each answer is stored cropped to its box (outside it
+    the logits are -inf anyway); the oldest go first beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: dict[tuple, np.ndarray] = {}
+        self.hits = self.misses = 0
+
+    @classmethod
+    def of(cls, features) -> "DecodedBoxes":
+        cache = getattr(features, "decoded_boxes", None)
+        if cache is None:
+            cache = features.decoded_boxes = cls()
+        return cache
+
+    @staticmethod
+    def key(index, box, device) -> tuple:
+        return (int(index), tuple(int(v) for v in box), str(device))
+
+    def get(self, key, shape) -> np.ndarray | None:
+        crop = self.entries.get(key)
+        if crop is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        c0, r0, c1, r1 = key[1]
+        logit = np.full(shape, -np.inf, np.float32)
+        logit[r0:r1 + 1, c0:c1 + 1] = crop
+        return logit
+
+    def put(self, key, logit: np.ndarray) -> None:
+        c0, r0, c1, r1 = key[1]
+        crop = logit[r0:r1 + 1, c0:c1 + 1].copy()
+        self.entries[key] = crop
+        self.bytes += crop.nbytes
+        while self.bytes > self.max_bytes and self.entries:
+            self.bytes -= self.entries.pop(next(iter(self.entries))).nbytes
+
+
 def _slice_logits(refiner, features, slices01, index, shape, prompts) -> list[np.ndarray]:
-    """SAM logits on slice ``index`` for each (box, points) prompt, -inf outside its box. Box
-    prompts on LiteMedSAM are decoded in one batch."""
+    """SAM logits on slice ``index`` for each (box, points) prompt, -inf outside its box."""
     if isinstance(refiner, LiteMedSAMRefiner) and prompts and all(p is None for _, p in prompts):
-        logits = list(refiner.box_logits(features.sam_embeddings[index], features.scale, shape,
-                                         np.stack([b for b, _ in prompts])))
-    elif isinstance(refiner, SAMRefiner):
+        return _cached_box_logits(refiner, features, index, shape, [b for b, _ in prompts])
+    if isinstance(refiner, SAMRefiner):
         refiner.set_slice(index, slices01[index])
         logits = [refiner.logits(box=b, points=p) for b, p in prompts]
     else:
@@ -141,10 +182,32 @@ def _slice_logits(refiner, features, slices01, index, shape, prompts) -> list[np
                   for b, p in prompts]
     for logit, (box, _) in zip(logits, prompts):
         if box is not None:
-            c0, r0, c1, r1 = box.astype(int)
-            outside = np.ones(shape, bool)
-            outside[r0:r1 + 1, c0:c1 + 1] = False
-            logit[outside] = -np.inf
+            _outside_box(logit, box)
+    return logits
+
+
+def _outside_box(logit: np.ndarray, box) -> None:
+    """SAM can leak past its box; the region it was asked about is inside."""
+    c0, r0, c1, r1 = np.asarray(box).astype(int)
+    inside = logit[r0:r1 + 1, c0:c1 + 1].copy()
+    logit[:] = -np.inf
+    logit[r0:r1 + 1, c0:c1 + 1] = inside
+
+
+def _cached_box_logits(refiner, features, index, shape, boxes) -> list[np.ndarray]:
+    """LiteMedSAM box prompts of one slice: those not answered before on this volume
+    (DecodedBoxes) decoded in one batch."""
+    cache = DecodedBoxes.of(features)
+    keys = [cache.key(index, box, refiner.device) for box in boxes]
+    logits = [cache.get(key, shape) for key in keys]
+    missing = [i for i, logit in enumerate(logits) if logit is None]
+    if missing:
+        decoded = refiner.box_logits(features.sam_embeddings[index], features.scale, shape,
+                                     np.array([keys[i][1] for i in missing], np.float32))
+        for i, logit in zip(missing, decoded):
+            _outside_box(logit, keys[i][1])
+            cache.put(keys[i], logit)
+            logits[i] = logit
     return logits
 
 
@@ -156,7 +219,7 @@ def refinement_agreement(template: np.ndarray, painted: list[int], features, sli
     a solid organ is reproduced (Dice ~0.9), a ring or a wall around a lumen is filled (low Dice)."""
     rng = np.random.default_rng(seed)
     refiner = _make_refiner(features, sam_checkpoint, device)
-    with single_thread():
+    with small_ops():
         return _agreement(template, painted, refiner, features, slices01, strategy, n_points, rng)
 
 
@@ -200,7 +263,7 @@ def refine_label_slices(labels: np.ndarray, features, slices01: np.ndarray, stra
     for count, index in enumerate(busy):
         if cancel and cancel():
             raise Cancelled("cancelled during refinement")
-        with single_thread():   # the decoder's ops are small: one thread (0.66 s/slice, two: 5.7)
+        with small_ops():
             out[index] = _refine_slice(labels[index], refiner, features, slices01, index, strategy, n_points,
                                        rng, refine_values, fixed)
         if progress:

@@ -130,3 +130,31 @@ def test_plateau_stops_a_flat_loss_and_not_a_falling_one():
     falling = Plateau(window=10)
     assert not any(falling.update(torch.tensor(0.9 ** (step / 10))) for step in range(300))
     assert not any(Plateau(window=0).update(torch.tensor(0.0)) for _ in range(50))
+
+
+def test_small_ops_use_more_threads_only_on_idle_cores(monkeypatch):
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.delenv("FEWSHOT_SMALL_OP_THREADS", raising=False)
+        for idle, expected in ((2.0, 2), (1.0, 1), (None, 1)):
+            monkeypatch.setattr(runtime, "idle_cores", lambda window_s=0.05, idle=idle: idle)
+            monkeypatch.setitem(runtime._small_ops, "at", float("-inf"))
+            assert runtime.small_op_threads() == expected, idle
+            with runtime.small_ops():
+                assert torch.get_num_threads() == expected
+            assert torch.get_num_threads() == 2
+        monkeypatch.setenv("FEWSHOT_SMALL_OP_THREADS", "1")
+        monkeypatch.setattr(runtime, "idle_cores", lambda window_s=0.05: 2.0)
+        assert runtime.small_op_threads() == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_idle_cores_reads_this_machine():
+    import os
+
+    idle = runtime.idle_cores(0.1)
+    assert idle is not None and 0.0 <= idle <= (os.cpu_count() or 1) + 1e-6

@@ -2,7 +2,6 @@
 standardization, and the slice-scoring interface used by propagation."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 from scipy import ndimage
 
 from ..errors import Cancelled
+from ..runtime import small_ops
 from ..features import VolumeFeatures
 
 
@@ -104,8 +104,8 @@ def _background_like(features: VolumeFeatures, index: int, zone: np.ndarray, bac
 
 class Adapter:
     """Base class. ``fit`` learns from TrainingPixels; ``score_slice`` returns (K+1, H', W') scores
-    for background and each label on one slice (at ``stride``), where the predicted label is the
-    argmax; ``state``/``from_state`` serialize to plain tensors and numbers (weights_only-safe)."""
+    for background and each label on one slice (at ``stride``), ``score_pixels`` (K+1, n) for
+    chosen pixels (both through the adapter's ``_score``), where the predicted label is the argmax; ``state``/``from_state`` serialize to plain tensors and numbers (weights_only-safe)."""
     kind = "base"
 
     def __init__(self, seed: int = 0, **options):
@@ -152,13 +152,25 @@ class Adapter:
             if progress is not None:
                 progress(fraction, message)
 
-        with single_thread():
+        with small_ops():
             self._fit(pixels, report)
 
     def _fit(self, pixels: TrainingPixels, progress=None):
         raise NotImplementedError
 
     def score_slice(self, features: VolumeFeatures, index: int, stride: int = 1) -> torch.Tensor:
+        """(K+1, H', W') scores on every ``stride``-th pixel of slice ``index``."""
+        h, w = features.slice_shape
+        rows, cols = np.meshgrid(np.arange(0, h, stride), np.arange(0, w, stride), indexing="ij")
+        return self.score_pixels(features, index, rows.ravel(), cols.ravel()).view(-1, *rows.shape)
+
+    @torch.inference_mode()
+    def score_pixels(self, features: VolumeFeatures, index: int, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        """(K+1, n) scores of the pixels (rows, cols) of slice ``index``."""
+        return self._score(features.sample(index, rows, cols), features)
+
+    def _score(self, feats: torch.Tensor, features: VolumeFeatures) -> torch.Tensor:
+        """(n, C) pixel features -> (K+1, n) scores."""
         raise NotImplementedError
 
     def state(self) -> dict:
@@ -175,19 +187,6 @@ class Adapter:
 
     def _load(self, state: dict):
         pass
-
-
-@contextmanager
-def single_thread():
-    """Train small MLPs on one thread: their ops are too small to gain from more, and with any
-    other busy process on the machine the threads' synchronization made training 30x slower
-    (measured here: 300 steps 7 s on one thread, 227 s on two beside an encoder)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 class Plateau:

@@ -22,16 +22,15 @@ class BasicAdapter(Adapter):
         self.prototypes = torch.stack([pixels.features[pixels.labels == k].mean(0)
                                        for k in range(1, self.n_labels + 1)])
 
-    def score_slice(self, features, index, stride=1):
-        feats = features.dense(index, stride)                       # (H', W', C)
+    def _score(self, feats, features):
         protos = self.prototypes
         if self.options["center_features"]:
             # the centre is the mean over the volume being segmented, so it adapts to each patient
             center = features.mean_feature()
             feats, protos = feats - center, protos - center
-        cos = F.normalize(feats, dim=-1) @ F.normalize(protos, dim=-1).T      # (H', W', K)
-        background = torch.full(cos.shape[:2] + (1,), self.options["threshold"])
-        return torch.cat([background, cos], -1).permute(2, 0, 1)
+        cos = F.normalize(feats, dim=-1) @ F.normalize(protos, dim=-1).T      # (n, K)
+        background = torch.full((1, len(cos)), self.options["threshold"])
+        return torch.cat([background, cos.T])
 
     def state(self):
         return {**super().state(), "prototypes": self.prototypes}

@@ -45,10 +45,8 @@ class ClassificationAdapter(Adapter):
                 progress((epoch + 1) / epochs, f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
         self.net.eval()
 
-    @torch.inference_mode()
-    def score_slice(self, features, index, stride=1):
-        feats = self._standardize(features.dense(index, stride))
-        return torch.softmax(self.net(feats), -1).permute(2, 0, 1)
+    def _score(self, feats, features):
+        return torch.softmax(self.net(self._standardize(feats)), -1).T
 
     def state(self):
         return {**super().state(), "in_dim": self.in_dim, "net": self.net.state_dict()}
