@@ -11,7 +11,8 @@ heap top) makes the second pass reuse the first one's pages. Torch's own pools: 
 After the encoder the ops are small (adapter training, scoring, SAM decoding): on idle cores two
 threads made them 1.4-2.1x faster, but beside another busy process their synchronization made
 training 30x slower (300 steps: 7 s on one thread, 227 s on two beside an encoder). So those
-stages use all threads only when that many cores are idle at the moment (``small_ops``).
+stages use all threads only when that many cores are idle at the moment (``small_ops``);
+adapter training stays on one thread so that its result does not depend on the machine's load.
 """
 from __future__ import annotations
 
@@ -116,6 +117,19 @@ def small_ops():
 
     previous = torch.get_num_threads()
     torch.set_num_threads(min(previous, small_op_threads()))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def one_thread():
+    """Run the enclosed ops on one thread (adapter training: reproducible, see Adapter.fit)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield
     finally:

@@ -9,7 +9,7 @@ import torch
 from scipy import ndimage
 
 from ..errors import Cancelled
-from ..runtime import small_ops
+from ..runtime import one_thread
 from ..features import VolumeFeatures
 
 
@@ -152,7 +152,9 @@ class Adapter:
             if progress is not None:
                 progress(fraction, message)
 
-        with small_ops():
+        # one thread whatever the machine's load: SGD's result depends on the order of its sums,
+        # so a painting gives the same adapter on any machine, busy or idle
+        with one_thread():
             self._fit(pixels, report)
 
     def _fit(self, pixels: TrainingPixels, progress=None):
