@@ -41,6 +41,9 @@ class PipelineConfig:
     sam_checkpoint: str = ""          # refine with segment-anything SAM ViT instead of LiteMedSAM
     keep_components: int = 0          # 0: per label default (2 for kidney/lung-like names, else 1)
     min_component_voxels: int = 20
+    # on the painted volume, beyond a label's outermost painted slice: a label that has narrowed
+    # and widens again is cut at the neck (postprocess.cut_regrowth)
+    cut_regrowth: bool = True
     landmarks: bool = True
     device: str = "auto"
     # encoder arithmetic: "auto" (bf16 on CPUs with AMX/AVX512-BF16 and on CUDA GPUs that have it,

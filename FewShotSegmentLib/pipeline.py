@@ -31,7 +31,8 @@ from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, v
 from .guidance import suggest_slices, uncertainty_from_scores
 from .landmarks import landmarks_from_label_map
 from .location import PATIENT_VARIATION, BodyFrame, LocatedFeatures, slice_to_volume
-from .postprocess import choose_components, clean_label_map, default_keep, is_known_organ, strong_components
+from .postprocess import (choose_components, clean_label_map, cut_regrowth, default_keep, is_known_organ,
+                          strong_components)
 from .preprocessing import guess_modality, normalize_volume
 from .refine import refinement_agreement, refine_label_slices
 
@@ -645,13 +646,16 @@ def _smooth_labels(index: np.ndarray, sigma_mm: float, prepared: PreparedVolume)
 
 def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prepared: PreparedVolume,
                        report: dict | None = None) -> np.ndarray:
-    """The component clean-up (postprocess.py). With a painting: components touching it, plus,
-    for labels whose name is not a known organ, the components the adapter is sure of. Without
+    """The component clean-up (postprocess.py). With a painting: components touching it, cut
+    where a label widens again beyond its painting (cut_regrowth), plus, for labels whose name is
+    not a known organ, the components the adapter is sure of. Without
     one (another patient): per label the component(s) with the best evidence, none when nothing
     is convincing. ``report`` collects the kept components' evidence per label name."""
     config, axis = model.config, prepared.axis
     if seeds is not None:
         cleaned = _clean(index, seeds, keep, config.min_component_voxels, axis)
+        if config.cut_regrowth:
+            cleaned = cut_regrowth(cleaned, seeds, keep)
         for k, value in enumerate(model.label_values, start=1):
             if is_known_organ(model.labels[value]["name"]):
                 continue

@@ -188,3 +188,54 @@ def strong_components(mask: np.ndarray, seed: np.ndarray, confidence: np.ndarray
     keep = [e["component"] for e in evidence if e["component"] not in seeded
             and e["voxels"] >= min_voxels and e["confidence"] >= STRONG_CONFIDENCE]
     return np.isin(components, keep)
+
+
+REGROWTH = 0.25      # beyond its painting, a label that has started to shrink may not widen again by more
+
+
+def cut_regrowth(stack: np.ndarray, seeds: np.ndarray, keep: dict[int, int], rise: float = REGROWTH) -> np.ndarray:
+    """(N, H, W) label indices along the propagation axis; ``seeds`` the painting there (0 =
+    unpainted); ``keep`` {label index: components kept}. Returns a new stack.
+
+    Beyond the outermost slice where a label is painted, an organ ends the way organs end: once
+    its cross-section has started to shrink it does not widen again. A region that narrows to a
+    neck and then widens is another structure the label has run into through that neck (CHAOS P3,
+    the liver painted on slices up to its dome: it ran on into the heart, 75 000 voxels on the 8
+    slices beyond the liver), so the label is removed from the slice after the neck outward. A
+    widening counts when it exceeds the narrowest cross-section so far by ``rise`` of it plus 1 %
+    of the largest painted one (so the few pixels of an organ's tip can fluctuate). Not for paired
+    labels (keep > 1: two organs' areas add up) nor for labels painted nowhere."""
+    out = stack.copy()
+    painted = seeds.reshape(len(seeds), -1)
+    for k, count in keep.items():
+        where = np.flatnonzero((painted == k).any(1))
+        if count != 1 or len(where) == 0:
+            continue
+        area = (out == k).reshape(len(out), -1).sum(1)
+        floor = 0.01 * area[where].max()
+        for start, step in ((int(where.max()), 1), (int(where.min()), -1)):
+            neck = regrowth_neck(area, start, step, rise, floor)
+            if neck is not None:
+                beyond = out[neck + 1:] if step > 0 else out[:neck]
+                beyond[beyond == k] = 0
+    return out
+
+
+def regrowth_neck(area: np.ndarray, start: int, step: int, rise: float, floor: float) -> int | None:
+    """Walking from slice ``start`` by ``step`` while the label is present: the narrowest slice
+    before the first widening by more than ``rise`` (and ``floor`` voxels) after the area began
+    to shrink; None when the area only grows, or grows then shrinks (as an organ's end does)."""
+    low = neck = None
+    previous = area[start]
+    z = start + step
+    while 0 <= z < len(area) and area[z] > 0:
+        if low is None:
+            if area[z] < previous:
+                low, neck = area[z], z
+        elif area[z] > low * (1 + rise) + floor:
+            return neck
+        elif area[z] < low:
+            low, neck = area[z], z
+        previous = area[z]
+        z += step
+    return None

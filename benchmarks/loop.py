@@ -73,6 +73,12 @@ class Loop:
                 self.records[record["key"]] = record
         self.config = PipelineConfig(cache_dir=CACHE, axis="axial")
         self.settings = self.config.to_dict()
+        self.library = args.library or LIBRARY
+        if args.library:      # the settings of that library's runs: as stored
+            stored = [json.loads(k)[2] for k in self.records if json.loads(k)[3] == args.library]
+            if not stored:
+                raise SystemExit(f"--library {args.library}: no stored runs")
+            self.settings = stored[0]
         self._backbone = None
         self.volumes, self.prepared = {}, {}
 
@@ -84,9 +90,11 @@ class Loop:
     def run(self, name: str, painted: list[int]) -> dict:
         """Train on the reference copied onto ``painted`` slices, segment, score; cached."""
         painted = sorted(set(int(i) for i in painted))
-        key = json.dumps([name, painted, self.settings, LIBRARY])
+        key = json.dumps([name, painted, self.settings, self.library])
         if key in self.records:
             return self.records[key]
+        if self.library != LIBRARY:
+            raise SystemExit(f"--library {self.library}: no stored run of {name} painted on {painted}")
         volume = self.volume(name)
         if self._backbone is None:
             self._backbone = pipeline.build_backbone_for(self.config)
@@ -285,7 +293,12 @@ def main(argv=None):
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--no-report", action="store_true")
     parser.add_argument("--no-repropagate", action="store_true", help="report without timing a re-propagation")
+    parser.add_argument("--library", default="",
+                        help="report the stored runs of the library with this digest (an earlier commit) without running")
+    parser.add_argument("--repropagate-from", default="",
+                        help="take the re-propagation figure from this speed.py JSON instead of measuring it")
     args = parser.parse_args(argv)
+    commit = git_commit() if not args.library else f"library digest {args.library} (stored runs)"
     loop = Loop(args)
     started = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
@@ -297,7 +310,13 @@ def main(argv=None):
     print(budget_table(summary))
     if args.no_report:
         return
-    repropagate = None if args.no_repropagate else measure_repropagate()
+    if args.repropagate_from:
+        speed = json.loads(Path(args.repropagate_from).read_text())
+        raw = speed["raw"]["repropagate"]
+        repropagate = {"repropagate_s": raw["repropagate_s"], "first_s": raw["first_s"], "timings": raw["timings"],
+                       "source": args.repropagate_from, "commit": speed.get("commit")}
+    else:
+        repropagate = None if args.no_repropagate else {**measure_repropagate(), "commit": git_commit()}
     minutes = (time.perf_counter() - started) / 60
     out = Path(args.out)
     payload = {
@@ -309,13 +328,13 @@ def main(argv=None):
         "random_4": {"chaos_mean": summary["random"][4]["adapter"], "fill_same_slices": summary["random"][4]["fill"]},
         "repropagate_s": None if repropagate is None else repropagate["repropagate_s"],
         "repropagate": repropagate, "by_budget": summary, "volumes": args.volumes.split(","), "seeds": seeds,
-        "commit": git_commit(), "library_digest": LIBRARY, "minutes": round(minutes, 1),
+        "commit": commit, "library_digest": loop.library, "minutes": round(minutes, 1),
         "command": "python benchmarks/loop.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": loop.settings}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     plot(summary, out.with_suffix(".png"))
     lines = ["# The correction loop: suggested slices against evenly spaced and random ones, and against Fill between slices", "",
-             f"- commit: {payload['commit']} (library digest {LIBRARY}); command: `{payload['command']}`; "
+             f"- commit: {payload['commit']} (library digest {loop.library}); command: `{payload['command']}`; "
              f"{payload['minutes']} min on 2 CPU cores", f"- volumes: {', '.join(payload['volumes'])}; random seeds: {seeds}",
              "- 'slices/organ' n: the start (each organ's middle slice) and n - 1 added per organ; 'painted slices': "
              "how many distinct slices that is (a slice serves every organ on it). 3D Dice on the whole volume, "
@@ -326,7 +345,8 @@ def main(argv=None):
     if repropagate:
         lines += ["## Re-propagation on the demo CT", "",
                   f"One more painted slice, same session (features in memory, warm start): **{repropagate['repropagate_s']} s** "
-                  f"(first job {repropagate['first_s']} s; stages {json.dumps(repropagate['timings'])}).", ""]
+                  f"(first job {repropagate['first_s']} s; stages {json.dumps(repropagate['timings'])}; "
+                  f"commit {repropagate.get('commit')}).", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     print(f"wrote {out.with_suffix('.md')}, .json, .png ({minutes:.1f} min)")
 

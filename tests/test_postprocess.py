@@ -128,3 +128,33 @@ def test_clean_label_map_with_template_seeds_keeps_geometry(chaos_labels):
     ("liver", 1), ("spleen", 1), ("aorta", 1)])
 def test_default_keep(name, expected):
     assert default_keep(name) == expected
+
+
+def test_a_label_that_narrows_and_widens_again_beyond_its_painting_is_cut_at_the_neck():
+    from FewShotSegmentLib.postprocess import cut_regrowth
+
+    # an organ on slices 2-7 painted on 3 and 4, narrowing to a neck on slice 7 and running on
+    # into a wide structure on slices 8-10 (areas 36 49 36 16 9 4 | 25 64 64)
+    sizes = {2: 6, 3: 7, 4: 6, 5: 4, 6: 3, 7: 2, 8: 5, 9: 8, 10: 8}
+    stack = np.zeros((12, 16, 16), np.uint8)
+    for z, s in sizes.items():
+        stack[z, 2:2 + s, 2:2 + s] = 1
+    stack[3:9, 12:14, 12:14] = 2                       # a second label, painted, untouched
+    seeds = np.zeros_like(stack)
+    seeds[[3, 4]] = stack[[3, 4]]
+    out = cut_regrowth(stack, seeds, {1: 1, 2: 1})
+    areas = (out == 1).reshape(12, -1).sum(1)
+    assert areas[:8].tolist() == [0, 0, 36, 49, 36, 16, 9, 4] and areas[8:].sum() == 0
+    assert ((out == 2) == (stack == 2)).all()
+    # an organ that only grows, or grows then shrinks, beyond its painting is left alone
+    grows = np.zeros_like(stack)
+    for z, s in {2: 2, 3: 3, 4: 5, 5: 8}.items():
+        grows[z, :s, :s] = 1
+    assert (cut_regrowth(grows, np.where(np.arange(12)[:, None, None] == 2, grows, 0), {1: 1}) == grows).all()
+    grow_shrink = np.zeros_like(stack)
+    for z, s in {2: 3, 3: 5, 4: 7, 5: 5, 6: 2}.items():
+        grow_shrink[z, :s, :s] = 1
+    only_first = np.where(np.arange(12)[:, None, None] == 2, grow_shrink, 0)
+    assert (cut_regrowth(grow_shrink, only_first, {1: 1}) == grow_shrink).all()
+    # paired labels (two components kept) are not cut: two organs' areas add up
+    assert (cut_regrowth(stack, seeds, {1: 2, 2: 1}) == stack).all()
