@@ -134,7 +134,7 @@ def test_a_label_that_narrows_and_widens_again_beyond_its_painting_is_cut_at_the
     from FewShotSegmentLib.postprocess import cut_regrowth
 
     # an organ on slices 2-7 painted on 3 and 4, narrowing to a neck on slice 7 and running on
-    # into a wide structure on slices 8-10 (areas 36 49 36 16 9 4 | 25 64 64)
+    # into a wide structure on slices 8-10 (areas 36 49 36 16 9 4 | 25 64 64: 64 > 1.5 x 4 + 1 % of 49)
     sizes = {2: 6, 3: 7, 4: 6, 5: 4, 6: 3, 7: 2, 8: 5, 9: 8, 10: 8}
     stack = np.zeros((12, 16, 16), np.uint8)
     for z, s in sizes.items():
