@@ -295,10 +295,11 @@ def main(argv=None):
     parser.add_argument("--no-repropagate", action="store_true", help="report without timing a re-propagation")
     parser.add_argument("--library", default="",
                         help="report the stored runs of the library with this digest (an earlier commit) without running")
+    parser.add_argument("--library-commit", default="", help="with --library: the commit that library is from")
     parser.add_argument("--repropagate-from", default="",
                         help="take the re-propagation figure from this speed.py JSON instead of measuring it")
     args = parser.parse_args(argv)
-    commit = git_commit() if not args.library else f"library digest {args.library} (stored runs)"
+    commit = git_commit() if not args.library else f"{args.library_commit or 'an earlier commit'} (stored runs)"
     loop = Loop(args)
     started = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
@@ -335,7 +336,7 @@ def main(argv=None):
     plot(summary, out.with_suffix(".png"))
     lines = ["# The correction loop: suggested slices against evenly spaced and random ones, and against Fill between slices", "",
              f"- commit: {payload['commit']} (library digest {loop.library}); command: `{payload['command']}`; "
-             f"{payload['minutes']} min on 2 CPU cores", f"- volumes: {', '.join(payload['volumes'])}; random seeds: {seeds}",
+             (f"{payload['minutes']} min on 2 CPU cores" if not args.library else "a report of stored runs"), f"- volumes: {', '.join(payload['volumes'])}; random seeds: {seeds}",
              "- 'slices/organ' n: the start (each organ's middle slice) and n - 1 added per organ; 'painted slices': "
              "how many distinct slices that is (a slice serves every organ on it). 3D Dice on the whole volume, "
              "mean of liver, right and left kidney, spleen, then over volumes (and seeds).",
