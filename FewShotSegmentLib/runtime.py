@@ -111,26 +111,23 @@ def small_op_threads() -> int:
 
 
 @contextmanager
+def torch_threads(count: int):
+    """Run the enclosed ops on at most ``count`` torch threads, then restore the previous count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(previous, count)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def small_ops():
     """Run the enclosed small ops on small_op_threads() threads."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(min(previous, small_op_threads()))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return torch_threads(small_op_threads())
 
 
-@contextmanager
 def one_thread():
     """Run the enclosed ops on one thread (adapter training: reproducible, see Adapter.fit)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return torch_threads(1)

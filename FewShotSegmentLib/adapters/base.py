@@ -105,7 +105,8 @@ def _background_like(features: VolumeFeatures, index: int, zone: np.ndarray, bac
 class Adapter:
     """Base class. ``fit`` learns from TrainingPixels; ``score_slice`` returns (K+1, H', W') scores
     for background and each label on one slice (at ``stride``), ``score_pixels`` (K+1, n) for
-    chosen pixels (both through the adapter's ``_score``), where the predicted label is the argmax; ``state``/``from_state`` serialize to plain tensors and numbers (weights_only-safe)."""
+    chosen pixels (both through the adapter's ``_score``), where the predicted label is the
+    argmax; ``state``/``from_state`` serialize to plain tensors and numbers (weights_only-safe)."""
     kind = "base"
 
     def __init__(self, seed: int = 0, **options):
