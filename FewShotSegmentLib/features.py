@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import runtime
 from .backbones import Backbone, Encoded
 from .errors import Cancelled
 
@@ -65,9 +66,17 @@ class VolumeFeatures:
         gx = (np.asarray(cols, dtype=np.float32) + 0.5) * self.scale / fw * 2 - 1
         return torch.from_numpy(np.stack([gx, gy], -1)).view(1, 1, -1, 2)
 
+    def _float_slice(self, index: int) -> torch.Tensor:
+        """(1, C, h, w) float32 grid of one slice; the last one is kept, as scoring samples a
+        slice in several chunks."""
+        last = getattr(self, "_last_float", None)
+        if last is None or last[0] != index:
+            last = self._last_float = (index, self.features[index:index + 1].float())
+        return last[1]
+
     def sample(self, index: int, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         """Pixel features (n, C) float32 of slice ``index`` at pixel coordinates rows/cols."""
-        fmap = self.features[index:index + 1].float()
+        fmap = self._float_slice(index)
         out = F.grid_sample(fmap, self._grid(rows, cols), mode="bilinear", align_corners=False)
         return out[0, :, 0].T.contiguous()
 
@@ -160,25 +169,26 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
     features = sams = encoded = None
     lo, hi = progress_range
     try:
-        for start in range(0, n, batch_size):
-            if cancel and cancel():
-                raise Cancelled("cancelled while encoding")
-            batch = slices[start:start + batch_size]
-            count = len(batch)
-            if count < batch_size and start > 0:
-                # the last batch is padded to the others' size: a compiled encoder sees one shape
-                batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - count, axis=0)])
-            encoded = backbone.encode(batch)
-            if features is None:
-                features = store.allocate("features", (n,) + tuple(encoded.features.shape[1:]))
-                if encoded.sam_embeddings is not None:
-                    sams = store.allocate("sam", (n,) + tuple(encoded.sam_embeddings.shape[1:]))
-            features[start:start + count] = encoded.features[:count]
-            if sams is not None:
-                sams[start:start + count] = encoded.sam_embeddings[:count]
-            if progress:
-                done = min(n, start + batch_size)
-                progress(lo + (hi - lo) * done / n, "encode", f"encoded slice {done}/{n}")
+        with runtime.encoder_memory():     # see runtime.py
+            for start in range(0, n, batch_size):
+                if cancel and cancel():
+                    raise Cancelled("cancelled while encoding")
+                batch = slices[start:start + batch_size]
+                count = len(batch)
+                if count < batch_size and start > 0:
+                    # the last batch is padded to the others' size: a compiled encoder sees one shape
+                    batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - count, axis=0)])
+                encoded = backbone.encode(batch)
+                if features is None:
+                    features = store.allocate("features", (n,) + tuple(encoded.features.shape[1:]))
+                    if encoded.sam_embeddings is not None:
+                        sams = store.allocate("sam", (n,) + tuple(encoded.sam_embeddings.shape[1:]))
+                features[start:start + count] = encoded.features[:count]
+                if sams is not None:
+                    sams[start:start + count] = encoded.sam_embeddings[:count]
+                if progress:
+                    done = min(n, start + batch_size)
+                    progress(lo + (hi - lo) * done / n, "encode", f"encoded slice {done}/{n}")
     except BaseException:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
+from .postprocess import values_present
 
 CONNECTIVITY_3D = np.ones((3, 3, 3), bool)
 CONNECTIVITY_2D = np.ones((3, 3), bool)
@@ -45,7 +46,7 @@ def landmarks_from_label_map(label_map: sitk.Image, labels: dict[int, dict]) -> 
     Labels of `labels` absent from the map get no landmark."""
     values = sitk.GetArrayViewFromImage(label_map)
     spacing_zyx = label_map.GetSpacing()[::-1]
-    present = set(np.unique(values).tolist())
+    present = set(values_present(values).tolist())
     landmarks = []
     for value in sorted(int(v) for v in labels):
         if value == 0 or value not in present:
@@ -87,16 +88,25 @@ def localization_scores(pred_mask, ref_mask, spacing_zyx, axis: int = 0, toleran
 
 
 def _representative_point(mask: np.ndarray, structure: np.ndarray, spacing) -> tuple[float, ...]:
-    components, count = ndimage.label(mask, structure=structure)
-    if count == 0:
+    boxes = ndimage.find_objects(np.asarray(mask, bool).view(np.uint8))
+    if not boxes:
         raise InputError("cannot place a point in an empty mask")
+    # components of the region's bounding box only: a label array of a whole 512x512x300 grid
+    # is 300 MB, and the region fills a small part of it
+    box = boxes[0]
+    offset = np.array([b.start for b in box], float)
+    components, count = ndimage.label(mask[box], structure=structure)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     largest = int(np.argmax(sizes))
-    coordinates = np.argwhere(components == largest).astype(float)
-    centroid = coordinates.mean(axis=0)
+    region = components == largest
+    # the centroid from the region's profiles along each axis: no (n, 3) coordinate list, and no
+    # float64 copy of the box (ndimage.center_of_mass makes one per axis)
+    centroid = np.array([np.dot(region.sum(tuple(a for a in range(region.ndim) if a != axis)),
+                                np.arange(region.shape[axis])) for axis in range(region.ndim)], float) / sizes[largest]
     if components[tuple(np.round(centroid).astype(int))] == largest:
-        return tuple(float(c) for c in centroid)
+        return tuple(float(c) for c in centroid + offset)
+    coordinates = np.argwhere(region).astype(float)
     scale = np.ones(mask.ndim) if spacing is None else np.asarray(spacing, float)
     nearest = coordinates[np.argmin((((coordinates - centroid) * scale) ** 2).sum(axis=1))]
-    return tuple(float(c) for c in nearest)
+    return tuple(float(c) for c in nearest + offset)

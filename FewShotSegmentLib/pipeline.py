@@ -133,6 +133,8 @@ class PreparedVolume:
     seconds: float
     modality: str = ""                    # "ct" / "mri", as normalized
     _body: BodyFrame | None = field(default=None, repr=False)
+    _grid: sitk.Image | None = field(default=None, repr=False)
+    _shape_zyx: tuple[int, int, int] | None = field(default=None, repr=False)
 
     @property
     def body(self) -> BodyFrame:
@@ -150,9 +152,31 @@ class PreparedVolume:
         return self.body.coordinates(np.asarray(zyx, np.float64))[:, :2]
 
     @property
+    def canonical_grid(self) -> sitk.Image:
+        """A one-voxel image with the canonical volume's origin, spacing and direction: its
+        geometry without its voxels. Reorienting the image itself on every call cost a copy of it
+        each time (300 MB for a 512x512x300 CT)."""
+        if self._grid is None:
+            probe = sitk.Image(self.image.GetSize(), sitk.sitkUInt8)
+            probe.CopyInformation(self.image)
+            canonical = _to_canonical(probe)
+            self._shape_zyx = tuple(canonical.GetSize()[::-1])
+            self._grid = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+            self._grid.SetOrigin(canonical.GetOrigin())
+            self._grid.SetSpacing(canonical.GetSpacing())
+            self._grid.SetDirection(canonical.GetDirection())
+        return self._grid
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        """Array shape of the canonical volume."""
+        self.canonical_grid
+        return self._shape_zyx
+
+    @property
     def spacing_zyx(self) -> tuple[float, float, float]:
         """Voxel size (mm) of the canonical volume's (z, y, x) array axes."""
-        return tuple(_to_canonical(self.image).GetSpacing()[::-1])
+        return tuple(self.canonical_grid.GetSpacing()[::-1])
 
     @property
     def pixel_area_mm2(self) -> float:
@@ -172,8 +196,11 @@ class PreparedVolume:
 
     def from_slices(self, stack: np.ndarray, dtype=np.uint16) -> sitk.Image:
         volume = volume_from_slices(stack, self.axis)
-        canonical = sitk.GetImageFromArray(np.ascontiguousarray(volume).astype(dtype))
-        canonical.CopyInformation(_to_canonical(self.image))
+        canonical = sitk.GetImageFromArray(np.ascontiguousarray(volume).astype(dtype, copy=False))
+        grid = self.canonical_grid
+        canonical.SetOrigin(grid.GetOrigin())
+        canonical.SetSpacing(grid.GetSpacing())
+        canonical.SetDirection(grid.GetDirection())
         original = sitk.DICOMOrient(canonical, _orientation(self.image))
         original.CopyInformation(self.image)  # same grid; drop floating-point noise of the reorient
         return original
@@ -239,10 +266,10 @@ def prepare_volume(image: sitk.Image, config: PipelineConfig, backbone: Backbone
     start = time.perf_counter()
     axis = resolve_axis(config.axis, image)
     canonical = _to_canonical(image)
-    raw = sitk.GetArrayFromImage(canonical)
+    raw = sitk.GetArrayViewFromImage(canonical)     # normalize_volume makes the one copy
     modality = guess_modality(raw) if config.modality == "auto" else config.modality
     volume = normalize_volume(raw, modality, config.ct_window)
-    del raw
+    del raw, canonical                               # the view dies before its image
     slices = slices_along(volume, axis)
     features = encode_volume(slices, backbone, batch_size=config.batch_size, cache_dir=config.cache_dir,
                              progress=progress, cancel=cancel, progress_range=progress_range)
@@ -619,10 +646,9 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
 def _describe_slice(pick: dict, prepared: PreparedVolume, model: TrainedModel) -> dict:
     """A suggestion in terms a viewer can use: the slice's centre in LPS (Slicer jumps slice views
     to a position) and the slice's index along the propagation axis of the canonical volume."""
-    canonical = _to_canonical(prepared.image)
-    zyx = [s // 2 for s in canonical.GetSize()[::-1]]
+    zyx = [s // 2 for s in prepared.shape_zyx]
     zyx[AXIS_INDEX[prepared.axis]] = pick["index"]
-    point = canonical.TransformIndexToPhysicalPoint([int(v) for v in zyx[::-1]])
+    point = prepared.canonical_grid.TransformIndexToPhysicalPoint([int(v) for v in zyx[::-1]])
     return {"axis": prepared.axis, "index": int(pick["index"]), "position_lps": [float(v) for v in point],
             "score": round(pick["score"], 1),
             "labels": [model.labels[model.label_values[k - 1]]["name"] for k in pick["labels"]]}

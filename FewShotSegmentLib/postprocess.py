@@ -25,6 +25,24 @@ PAIRED_ORGAN_WORDS = ("kidney", "lung", "adrenal", "femur", "humerus", "hip", "c
 SIDE_WORDS = {"left", "right", "l", "r", "lt", "rt"}
 
 
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int, tuple[slice, ...]]:
+    """3D connected components of a boolean (z, y, x) mask, labelled within the mask's bounding
+    box only: an organ fills a small part of a 512x512x300 CT, and a label array of the whole
+    grid is 4 bytes a voxel (300 MB). Returns (components of the box, count, box)."""
+    boxes = ndimage.find_objects(mask.view(np.uint8))
+    if not boxes:
+        return np.zeros((0,) * mask.ndim, np.int32), 0, tuple(slice(0, 0) for _ in range(mask.ndim))
+    components, count = ndimage.label(mask[boxes[0]], structure=CONNECTIVITY_3D)
+    return components, count, boxes[0]
+
+
+def _in_full(part: np.ndarray, box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """A boolean mask of a bounding box, put back on the whole grid."""
+    out = np.zeros(shape, bool)
+    out[box] = part
+    return out
+
+
 def clean_label(mask, seed=None, keep: int = 1, min_voxels: int = 20) -> np.ndarray:
     """Keep the organ's 3D connected component(s) of a boolean (z, y, x) mask.
 
@@ -39,24 +57,42 @@ def clean_label(mask, seed=None, keep: int = 1, min_voxels: int = 20) -> np.ndar
         raise InputError(f"clean_label needs a 3D (z, y, x) mask, got shape {mask.shape}")
     if keep < 1:
         raise InputError(f"keep must be at least 1, got {keep}")
-    components, count = ndimage.label(mask, structure=CONNECTIVITY_3D)
-    if count == 0:
-        return mask.copy()
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    kept = set()
     if seed is not None:
         seed = np.asarray(seed, bool)
         if seed.shape != mask.shape:
             raise InputError(f"seed shape {seed.shape} != mask shape {mask.shape}")
-        kept = set(np.unique(components[seed]).tolist()) - {0}
+    part, box = _kept_components(mask, seed, None, keep, min_voxels)
+    return _in_full(part, box, mask.shape)
+
+
+def _kept_components(mask: np.ndarray, seed: np.ndarray | None, seed_value, keep: int,
+                     min_voxels: int) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """clean_label within the mask's bounding box: (kept voxels of the box, box). ``seed`` is
+    boolean, or a label map whose ``seed_value`` voxels are the seed (read within the box only)."""
+    components, count, box = _components(mask)
+    if count == 0:
+        return np.zeros(components.shape, bool), box
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    kept = set()
+    if seed is not None:
+        inside = seed[box] if seed_value is None else seed[box] == seed_value
+        kept = set(np.unique(components[inside]).tolist()) - {0}
     # largest first; ties broken by component number so the result is deterministic
     by_size = sorted(range(1, count + 1), key=lambda c: (-sizes[c], c))
     for component in by_size:
         if len(kept) >= keep or sizes[component] < min_voxels:
             break
         kept.add(component)
-    return np.isin(components, sorted(kept))
+    return np.isin(components, sorted(kept)), box
+
+def values_present(values: np.ndarray) -> np.ndarray:
+    """The distinct values of an integer label array, in order, without the sorted copy of the
+    whole volume that np.unique makes (for 8- and 16-bit labels)."""
+    values = np.asarray(values)
+    if values.dtype.kind in "ui" and values.dtype.itemsize <= 2:
+        return np.flatnonzero(np.bincount(values.ravel())).astype(values.dtype)
+    return np.unique(values)
 
 
 def clean_label_map(label_map, template_map=None, keep: dict[int, int] | int = 1,
@@ -72,13 +108,18 @@ def clean_label_map(label_map, template_map=None, keep: dict[int, int] | int = 1
                     else np.asarray(template_map))
         if template.shape != values.shape:
             raise InputError(f"template map shape {template.shape} != label map shape {values.shape}")
+    if values.ndim != 3:
+        raise InputError(f"clean_label_map needs a 3D (z, y, x) label map, got shape {values.shape}")
     cleaned = np.zeros_like(values)
-    for label in np.unique(values):
+    for label in values_present(values):
         if label == 0:
             continue
         count = keep.get(int(label), 1) if isinstance(keep, dict) else keep
-        seed = None if template_map is None else template == label
-        cleaned[clean_label(values == label, seed, count, min_voxels)] = label
+        if count < 1:
+            raise InputError(f"keep must be at least 1, got {count}")
+        part, box = _kept_components(values == label, None if template_map is None else template, label,
+                                     count, min_voxels)
+        cleaned[box][part] = label                    # the box is a view of ``cleaned``
     if image is None:
         return cleaned
     result = sitk.GetImageFromArray(cleaned)
@@ -154,14 +195,18 @@ def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int
     cross-section on the template's painted slices, in this volume's pixels (0: not checked);
     a component's largest cross-section along ``slice_axis`` must reach MIN_AREA_FRACTION of it.
     Returns (mask, evidence of the kept)."""
-    components, count = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_3D)
+    mask = np.asarray(mask, bool)
+    components, count, box = _components(mask)
     if count == 0:
         return np.zeros(mask.shape, bool), []
     sizes = np.bincount(components.ravel())
     big = [c for c in range(1, count + 1) if sizes[c] >= min_voxels]
     if not big:
         return np.zeros(mask.shape, bool), []
-    evidence = component_evidence(components, big, confidence, position, expected)
+    offset = np.array([b.start for b in box], np.float64)
+    where = None if position is None else (lambda zyx: position(zyx + offset))   # box -> grid voxels
+    evidence = component_evidence(components, big, None if confidence is None else confidence[box],
+                                  where, expected)
     candidates = [e for e in evidence if e["confidence"] >= MIN_CONFIDENCE and e["distance"] <= LOCATION_SIGMAS]
     if painted_area > 0 and candidates:
         boxes = ndimage.find_objects(components)
@@ -171,7 +216,7 @@ def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int
             e["area_fraction"] = round(float(inside.reshape(len(inside), -1).sum(1).max()) / painted_area, 3)
         candidates = [e for e in candidates if e["area_fraction"] >= MIN_AREA_FRACTION]
     kept = sorted(candidates, key=lambda e: (-e["score"], e["component"]))[:keep]
-    return np.isin(components, [e["component"] for e in kept]), kept
+    return _in_full(np.isin(components, [e["component"] for e in kept]), box, mask.shape), kept
 
 
 def strong_components(mask: np.ndarray, seed: np.ndarray, confidence: np.ndarray | None,
@@ -180,14 +225,15 @@ def strong_components(mask: np.ndarray, seed: np.ndarray, confidence: np.ndarray
     probability >= STRONG_CONFIDENCE): the other lesions or vertebrae of a label of unknown name."""
     if confidence is None:
         return np.zeros(mask.shape, bool)
-    components, count = ndimage.label(np.asarray(mask, bool), structure=CONNECTIVITY_3D)
+    mask = np.asarray(mask, bool)
+    components, count, box = _components(mask)
     if count == 0:
         return np.zeros(mask.shape, bool)
-    seeded = set(np.unique(components[np.asarray(seed, bool)]).tolist()) - {0}
-    evidence = component_evidence(components, range(1, count + 1), confidence)
+    seeded = set(np.unique(components[np.asarray(seed, bool)[box]]).tolist()) - {0}
+    evidence = component_evidence(components, range(1, count + 1), confidence[box])
     keep = [e["component"] for e in evidence if e["component"] not in seeded
             and e["voxels"] >= min_voxels and e["confidence"] >= STRONG_CONFIDENCE]
-    return np.isin(components, keep)
+    return _in_full(np.isin(components, keep), box, mask.shape)
 
 
 REGROWTH = 0.5       # beyond its painting, a label that has started to shrink may not widen again by more

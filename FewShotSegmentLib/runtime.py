@@ -5,7 +5,9 @@ in the kernel. Its 256x256 stages allocate intermediates of 50-300 MB per batch;
 serves blocks that large with a fresh mmap and gives them back with munmap on free, so every
 forward pass page-faults (and zeroes) its whole working set again (~500,000 minor faults a
 second). Telling malloc to keep freed memory (no mmap for large blocks, no trimming of the
-heap top) makes the second pass reuse the first one's pages. Torch's own pools: intra-op threads
+heap top) makes the second pass reuse the first one's pages; once the volume is encoded, the
+allocator goes back to giving memory back (``encoder_memory``), or every later stage's temporaries
+would stay resident. Torch's own pools: intra-op threads
 = the cores this process may use, and one inter-op thread (the pipeline runs ops one at a time).
 
 After the encoder the ops are small (adapter training, scoring, SAM decoding): on idle cores two
@@ -23,7 +25,12 @@ import sys
 import time
 from contextlib import contextmanager
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+# after the encoder: blocks over 32 MB (whole-volume masks and label arrays) are mapped and given
+# back on free, and the heap is trimmed once 256 MB lie free at its top
+AFTER_ENCODER = {_M_MMAP_THRESHOLD: 32 << 20, _M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 256 << 20}
+# while encoding: never mmap, trim only when more than 1 GiB is free at the top of the heap
+WHILE_ENCODING = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 1 << 30}
 _configured = {}
 
 
@@ -35,30 +42,62 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep large freed blocks for reuse; True if it was done. Only on Linux
-    with glibc; elsewhere (macOS, Windows, musl) the system allocator is left alone."""
+def _libc():
+    """glibc, where this process runs on it (mallopt and malloc_trim); None elsewhere (macOS,
+    Windows, musl: their allocators are left alone), or when FEWSHOT_KEEP_FREED_MEMORY=0 (the
+    variable is for measuring what these settings are worth)."""
     if not sys.platform.startswith("linux") or os.environ.get("FEWSHOT_KEEP_FREED_MEMORY") == "0":
-        return False     # the variable is for measuring what this setting is worth
-    name = ctypes.util.find_library("c") or "libc.so.6"
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _mallopt(settings: dict) -> bool:
+    libc = _libc()
+    return libc is not None and all(bool(libc.mallopt(k, v)) for k, v in settings.items())
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep large freed blocks for reuse; True if it was done."""
+    return _mallopt(WHILE_ENCODING)
+
+
+def release_freed_memory() -> bool:
+    """Back to giving memory back: large blocks mapped (and unmapped on free), the heap trimmed,
+    and what the encoder left free returned to the system now. True if it was done."""
+    libc = _libc()
+    if libc is None or not _mallopt(AFTER_ENCODER):
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # trim only when more than 1 GiB is free at the top of the heap; never mmap
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    libc.malloc_trim(0)
+    return True
+
+
+@contextmanager
+def encoder_memory():
+    """Keep freed memory while the encoder runs, give it back afterwards: the encoder reuses the
+    same 50-300 MB intermediates batch after batch (kept, its second pass faults no pages), while
+    what runs after it (whole-volume masks, labels, scores) would otherwise stay resident for
+    good: on a 512x512x300 CT the process held 6.9 GB at its peak with memory kept throughout."""
+    keep_freed_memory()
+    try:
+        yield
+    finally:
+        release_freed_memory()
 
 
 def configure(threads: int = 0) -> dict:
-    """Apply the allocator and thread settings once per process; returns what was set.
-    ``threads`` 0: all available cores."""
+    """Apply the thread settings once per process, and check that the allocator can be tuned
+    (``encoder_memory``); returns what was set. ``threads`` 0: all available cores."""
     import torch
 
     wanted = threads or available_cores()
     if not _configured:
-        _configured["allocator_keeps_memory"] = keep_freed_memory()
+        _configured["allocator_keeps_memory"] = _libc() is not None
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:      # already set, or parallel work has started: leave it

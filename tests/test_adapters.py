@@ -70,3 +70,26 @@ def test_negative_margin_keeps_background_samples_away_from_the_roi(synthetic):
     # every pixel of the 64x64 slice is within 60 px of the square at rows/cols 8..31
     far = sample_training_pixels(vf, template, [0], 200, negative_margin_px=60, rng=np.random.default_rng(0))
     assert (far.labels == 0).sum() == 0
+
+
+@pytest.mark.parametrize("kind", ["classification", "contrastive"])
+def test_chunked_scoring_gives_the_scores_of_all_pixels_at_once(kind, synthetic, monkeypatch):
+    """score_pixels runs fixed-size chunks, the last padded with copies of its last pixel (so
+    oneDNN sees few matmul shapes): the padding must never leak into the scores."""
+    from FewShotSegmentLib.adapters import base
+
+    vf, truth = synthetic
+    template = np.zeros_like(truth)
+    template[1] = truth[1]
+    adapter = create_adapter(kind, seed=0, **OPTIONS[kind])
+    adapter.fit(sample_training_pixels(vf, template, [1], 300, rng=np.random.default_rng(0)))
+    rows, cols = np.meshgrid(np.arange(0, 64, 3), np.arange(0, 64, 3), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()                      # 484 pixels: 3 chunks of 200, last padded
+    with torch.inference_mode():
+        whole = adapter._score(vf.sample(2, rows, cols), vf)
+    monkeypatch.setattr(base, "SCORE_CHUNK", 200)
+    monkeypatch.setattr(base, "MIN_CHUNK", 128)
+    chunked = adapter.score_pixels(vf, 2, rows, cols)
+    assert chunked.shape == whole.shape == (3, len(rows))
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert adapter.score_pixels(vf, 2, rows[:0], cols[:0]).shape == (3, 0)

@@ -158,3 +158,33 @@ def test_a_label_that_narrows_and_widens_again_beyond_its_painting_is_cut_at_the
     assert (cut_regrowth(grow_shrink, only_first, {1: 1}) == grow_shrink).all()
     # paired labels (two components kept) are not cut: two organs' areas add up
     assert (cut_regrowth(stack, seeds, {1: 2, 2: 1}) == stack).all()
+
+
+def test_components_found_in_the_bounding_box_match_those_of_the_whole_grid():
+    """The clean-up labels components within each label's bounding box only (memory): the result
+    must be what labelling the whole grid gives, seeds and keep counts included."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    grid = np.zeros((30, 40, 50), np.uint8)
+    grid[5:25, 10:35, 20:45] = (ndimage.gaussian_filter(rng.random((20, 25, 25)), 1.5) > 0.5) * 1
+    grid[2:6, 2:8, 2:8] = 2
+    grid[20:28, 30:38, 3:9] = 2
+    seeds = np.zeros_like(grid)
+    seeds[12] = grid[12]
+    cleaned = clean_label_map(grid, seeds, {1: 1, 2: 2}, min_voxels=5)
+
+    structure = np.ones((3, 3, 3), bool)
+    expected = np.zeros_like(grid)
+    for value, keep in ((1, 1), (2, 2)):
+        components, count = ndimage.label(grid == value, structure)
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        kept = set(np.unique(components[seeds == value]).tolist()) - {0}
+        for c in sorted(range(1, count + 1), key=lambda c: (-sizes[c], c)):
+            if len(kept) >= keep or sizes[c] < 5:
+                break
+            kept.add(c)
+        expected[np.isin(components, sorted(kept))] = value
+    assert (grid == 1).sum() > (cleaned == 1).sum() > 0          # something was removed
+    np.testing.assert_array_equal(cleaned, expected)

@@ -13,6 +13,15 @@ from ..runtime import one_thread
 from ..features import VolumeFeatures
 
 
+# Scoring runs on chunks of a fixed size, the last one padded to a power of two (at least
+# MIN_CHUNK): every matmul then has one of a few shapes. With as many shapes as slices (the
+# adaptive scoring's point counts vary per slice) oneDNN kept a primitive per shape and the
+# chunk-sized temporaries fragmented the heap: scoring a 512x512x300 CT grew the process by 3 GB
+# (1.4 GB of it free but not returned); per chunk, the temporaries are a few MB.
+SCORE_CHUNK = 4096
+MIN_CHUNK = 256
+
+
 @dataclass
 class TrainingPixels:
     """Pixel features sampled from template slices. ``labels``: 0 = background, k = k-th label."""
@@ -169,8 +178,18 @@ class Adapter:
 
     @torch.inference_mode()
     def score_pixels(self, features: VolumeFeatures, index: int, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-        """(K+1, n) scores of the pixels (rows, cols) of slice ``index``."""
-        return self._score(features.sample(index, rows, cols), features)
+        """(K+1, n) scores of the pixels (rows, cols) of slice ``index``, SCORE_CHUNK pixels at a
+        time, the last chunk padded to a power of two (see SCORE_CHUNK)."""
+        rows, cols = np.asarray(rows), np.asarray(cols)
+        out = []
+        for start in range(0, len(rows), SCORE_CHUNK):
+            r, c = rows[start:start + SCORE_CHUNK], cols[start:start + SCORE_CHUNK]
+            count = len(r)
+            size = max(MIN_CHUNK, 1 << (count - 1).bit_length())
+            if size > count:             # repeat the last pixel; its copies are dropped below
+                r, c = np.pad(r, (0, size - count), mode="edge"), np.pad(c, (0, size - count), mode="edge")
+            out.append(self._score(features.sample(index, r, c), features)[:, :count])
+        return torch.cat(out, 1) if out else self._score(features.sample(index, rows, cols), features)
 
     def _score(self, feats: torch.Tensor, features: VolumeFeatures) -> torch.Tensor:
         """(n, C) pixel features -> (K+1, n) scores."""
