@@ -34,12 +34,32 @@ def volume_from_slices(stack: np.ndarray, axis: str) -> np.ndarray:
     return np.moveaxis(stack, 0, AXIS_INDEX[axis])
 
 
+class EmbeddingsOnDemand:
+    """``embeddings[i]`` of one slice, made from its features when asked (the last one kept):
+    what refinement reads instead of a stored (N, 256, 64, 64) array."""
+
+    def __init__(self, features: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]):
+        self.features, self.make = features, make
+        self._last: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        index = int(index)
+        if self._last is None or self._last[0] != index:
+            self._last = (index, self.make(self.features[index:index + 1])[0])
+        return self._last[1]
+
+
 class VolumeFeatures:
     """Feature grids of all N slices along one axis of a normalized volume."""
 
     def __init__(self, encoded: Encoded, slice_shape: tuple[int, int]):
         self.features = encoded.features          # (N, C, h, w) float16
         self.sam_embeddings = encoded.sam_embeddings
+        if self.sam_embeddings is None and encoded.sam_from_features is not None:
+            self.sam_embeddings = EmbeddingsOnDemand(self.features, encoded.sam_from_features)
         self.scale = encoded.scale
         self.frame = encoded.frame
         self.slice_shape = slice_shape
@@ -140,7 +160,7 @@ class _FeatureStore:
             # MAP_PRIVATE: read-only use, and a stray write could never reach the cache file
             arrays[name] = torch.from_file(str(path), shared=False, size=count, dtype=torch.float16).view(shape)
         return Encoded(features=arrays["features"], scale=float(meta["scale"]),
-                       frame=tuple(int(v) for v in meta["frame"]), sam_embeddings=arrays.get("sam"))
+                       frame=tuple(int(v) for v in meta["frame"]), sam_embeddings=arrays.get("sam"))  # older entries have one
 
 
 def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, cache_dir: str | Path = "",
@@ -156,6 +176,8 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
         if (folder / "meta.json").is_file():
             try:
                 encoded = _FeatureStore.load(folder)
+                if backbone.provides_sam_embeddings and encoded.sam_embeddings is None:
+                    encoded.sam_from_features = backbone.sam_from_features
                 if len(encoded.features) == n:
                     if progress:
                         progress(progress_range[1], "encode", f"features of {n} slices from cache")
@@ -181,7 +203,7 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
                 encoded = backbone.encode(batch)
                 if features is None:
                     features = store.allocate("features", (n,) + tuple(encoded.features.shape[1:]))
-                    if encoded.sam_embeddings is not None:
+                    if encoded.sam_embeddings is not None and encoded.sam_embeddings is not encoded.features:
                         sams = store.allocate("sam", (n,) + tuple(encoded.sam_embeddings.shape[1:]))
                 features[start:start + count] = encoded.features[:count]
                 if sams is not None:
@@ -195,4 +217,6 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
         raise
     store.finish(encoded.scale, encoded.frame)
     return VolumeFeatures(Encoded(features=features, scale=encoded.scale, frame=encoded.frame,
-                                  sam_embeddings=sams), (h, w))
+                                  sam_embeddings=sams if sams is not None else
+                                  features if encoded.sam_embeddings is not None else None,   # the neck layer
+                                  sam_from_features=encoded.sam_from_features), (h, w))

@@ -112,6 +112,12 @@ def _template_on(reference, image, extra_slice: bool):
 
 def _ct300(folder: Path):
     """The demo CT resampled to 512x512x300 (and its labels), written as .nrrd in ``folder``."""
+    return resampled_ct(folder, 300)
+
+
+def resampled_ct(folder: Path, slices: int):
+    """The demo CT resampled to 512x512 pixels and ``slices`` slices (and its labels), written as
+    ct<slices>.nrrd in ``folder``; returns (path, image, labels)."""
     import SimpleITK as sitk
 
     from FewShotSegmentLib import io
@@ -120,7 +126,7 @@ def _ct300(folder: Path):
     reference = io.read_labelmap(CT_REF, reference=image)
     size, spacing = image.GetSize(), image.GetSpacing()
     extent = [sz * sp for sz, sp in zip(size, spacing)]
-    new_size = [512, 512, 300]
+    new_size = [512, 512, slices]
     new_spacing = [e / n for e, n in zip(extent, new_size)]
     grid = sitk.Image(new_size, sitk.sitkInt16)
     grid.SetSpacing(new_spacing)
@@ -128,9 +134,9 @@ def _ct300(folder: Path):
     grid.SetOrigin(image.TransformContinuousIndexToPhysicalPoint([-0.5 + 0.5 * ns / sp for ns, sp in zip(new_spacing, spacing)]))
     big = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1024, sitk.sitkInt16)
     labels = sitk.Resample(reference, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    sitk.WriteImage(big, str(folder / "ct300.nrrd"))
-    sitk.WriteImage(labels, str(folder / "ct300_labels.nrrd"))
-    return folder / "ct300.nrrd", big, labels
+    sitk.WriteImage(big, str(folder / f"ct{slices}.nrrd"))
+    sitk.WriteImage(labels, str(folder / f"ct{slices}_labels.nrrd"))
+    return folder / f"ct{slices}.nrrd", big, labels
 
 
 def _job(image_path, template_path, out_dir, device, **config):
@@ -153,13 +159,15 @@ def measure_job(args) -> dict:
         reference = io.read_labelmap(CT_REF, reference=image)
     template_path = scratch / f"{args.job}_template.nrrd"
     sitk.WriteImage(_template_on(reference, image, False), str(template_path))
+    size = list(image.GetSize())
+    del image, reference             # the job reads its own copies: these would count in its peak
     start = time.perf_counter()
     worker.execute(_job(image_path, template_path, scratch / args.job, args.device))
     seconds = time.perf_counter() - start
     summary = json.loads((scratch / args.job / "summary.json").read_text())
     import torch
 
-    return _peak({"job": args.job, "size": list(image.GetSize()), "end_to_end_s": round(seconds, 1),
+    return _peak({"job": args.job, "size": size, "end_to_end_s": round(seconds, 1),
                   "timings": {k: round(v, 2) for k, v in summary["timings"].items()},
                   "threads": torch.get_num_threads()}, torch.device("cuda" if args.device == "cuda" else "cpu"))
 

@@ -17,7 +17,13 @@ def test_litemedsam_preneck_and_sam_embedding(litemedsam):
     slices = np.random.default_rng(0).random((1, 120, 100), dtype=np.float32)
     encoded = litemedsam.encode(slices)
     assert encoded.features.shape == (1, 320, 64, 64)
-    assert encoded.sam_embeddings.shape == (1, 256, 64, 64)
+    assert encoded.sam_embeddings is None                       # made from the features when asked:
+    embedding = VolumeFeatures(encoded, (120, 100)).sam_embeddings[0]
+    assert embedding.shape == (256, 64, 64) and embedding.dtype == torch.float16
+    neck = LiteMedSAMBackbone(device="cpu", layer="neck", precision="fp32", compile="off").encode(slices)
+    assert neck.sam_embeddings is neck.features                 # the neck layer is the embedding
+    cosine = torch.nn.functional.cosine_similarity(embedding.float().flatten(), neck.features[0].float().flatten(), 0)
+    assert cosine > 0.99
     assert encoded.frame == (256, 256) and encoded.scale == pytest.approx(256 / 120)
     assert torch.isfinite(encoded.features.float()).all()
 
