@@ -209,10 +209,10 @@ def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int
                                   where, expected)
     candidates = [e for e in evidence if e["confidence"] >= MIN_CONFIDENCE and e["distance"] <= LOCATION_SIGMAS]
     if painted_area > 0 and candidates:
-        boxes = ndimage.find_objects(components)
+        extents = ndimage.find_objects(components)
         for e in candidates:
-            box = boxes[e["component"] - 1]
-            inside = np.moveaxis(components[box] == e["component"], slice_axis, 0)
+            extent = extents[e["component"] - 1]
+            inside = np.moveaxis(components[extent] == e["component"], slice_axis, 0)
             e["area_fraction"] = round(float(inside.reshape(len(inside), -1).sum(1).max()) / painted_area, 3)
         candidates = [e for e in candidates if e["area_fraction"] >= MIN_AREA_FRACTION]
     kept = sorted(candidates, key=lambda e: (-e["score"], e["component"]))[:keep]
