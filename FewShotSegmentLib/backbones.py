@@ -31,8 +31,10 @@ class Encoded:
 
     features: (N, C, h, w) float16 on CPU; the grid covers ``frame`` = (FH, FW) input pixels;
     a slice pixel (r, c) sits at ((r + 0.5) * scale, (c + 0.5) * scale) in that frame.
-    sam_embeddings: (N, 256, 64, 64) LiteMedSAM image embeddings for box refinement, or None
-    (then ``sam_from_features``, when set, computes them from ``features`` slice by slice).
+    sam_embeddings: (N, 256, 64, 64) LiteMedSAM image embeddings for box refinement: from an
+    encoder, ``features`` itself where the features are those embeddings (the neck layer), else
+    None (then ``sam_from_features``, when set, computes them from ``features`` slice by slice);
+    a cache entry of an earlier version stored them apart.
     """
     features: torch.Tensor
     scale: float

@@ -63,6 +63,7 @@ class VolumeFeatures:
         self.scale = encoded.scale
         self.frame = encoded.frame
         self.slice_shape = slice_shape
+        self._last_float: tuple[int, torch.Tensor] | None = None
 
     def __len__(self):
         return self.features.shape[0]
@@ -89,10 +90,9 @@ class VolumeFeatures:
     def _float_slice(self, index: int) -> torch.Tensor:
         """(1, C, h, w) float32 grid of one slice; the last one is kept, as scoring samples a
         slice in several chunks."""
-        last = getattr(self, "_last_float", None)
-        if last is None or last[0] != index:
-            last = self._last_float = (index, self.features[index:index + 1].float())
-        return last[1]
+        if self._last_float is None or self._last_float[0] != index:
+            self._last_float = (index, self.features[index:index + 1].float())
+        return self._last_float[1]
 
     def sample(self, index: int, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         """Pixel features (n, C) float32 of slice ``index`` at pixel coordinates rows/cols."""
@@ -188,7 +188,7 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "meta.json").unlink(missing_ok=True)
     store = _FeatureStore(folder)
-    features = sams = encoded = None
+    features = encoded = None
     lo, hi = progress_range
     try:
         with runtime.encoder_memory():     # see runtime.py
@@ -203,11 +203,7 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
                 encoded = backbone.encode(batch)
                 if features is None:
                     features = store.allocate("features", (n,) + tuple(encoded.features.shape[1:]))
-                    if encoded.sam_embeddings is not None and encoded.sam_embeddings is not encoded.features:
-                        sams = store.allocate("sam", (n,) + tuple(encoded.sam_embeddings.shape[1:]))
                 features[start:start + count] = encoded.features[:count]
-                if sams is not None:
-                    sams[start:start + count] = encoded.sam_embeddings[:count]
                 if progress:
                     done = min(n, start + batch_size)
                     progress(lo + (hi - lo) * done / n, "encode", f"encoded slice {done}/{n}")
@@ -216,7 +212,7 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
             shutil.rmtree(folder, ignore_errors=True)
         raise
     store.finish(encoded.scale, encoded.frame)
+    # SAM embeddings: the features themselves (LiteMedSAM's neck layer), or made from them
     return VolumeFeatures(Encoded(features=features, scale=encoded.scale, frame=encoded.frame,
-                                  sam_embeddings=sams if sams is not None else
-                                  features if encoded.sam_embeddings is not None else None,   # the neck layer
+                                  sam_embeddings=features if encoded.sam_embeddings is encoded.features else None,
                                   sam_from_features=encoded.sam_from_features), (h, w))

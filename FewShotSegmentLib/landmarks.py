@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
-from .postprocess import values_present
+from .postprocess import components_in_box, values_present
 
 CONNECTIVITY_3D = np.ones((3, 3, 3), bool)
 CONNECTIVITY_2D = np.ones((3, 3), bool)
@@ -88,14 +88,10 @@ def localization_scores(pred_mask, ref_mask, spacing_zyx, axis: int = 0, toleran
 
 
 def _representative_point(mask: np.ndarray, structure: np.ndarray, spacing) -> tuple[float, ...]:
-    boxes = ndimage.find_objects(np.asarray(mask, bool).view(np.uint8))
-    if not boxes:
+    components, count, box = components_in_box(mask, structure)
+    if count == 0:
         raise InputError("cannot place a point in an empty mask")
-    # components of the region's bounding box only: a label array of a whole 512x512x300 grid
-    # is 300 MB, and the region fills a small part of it
-    box = boxes[0]
     offset = np.array([b.start for b in box], float)
-    components, count = ndimage.label(mask[box], structure=structure)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     largest = int(np.argmax(sizes))

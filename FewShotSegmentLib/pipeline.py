@@ -133,8 +133,7 @@ class PreparedVolume:
     seconds: float
     modality: str = ""                    # "ct" / "mri", as normalized
     _body: BodyFrame | None = field(default=None, repr=False)
-    _grid: sitk.Image | None = field(default=None, repr=False)
-    _shape_zyx: tuple[int, int, int] | None = field(default=None, repr=False)
+    _canonical: tuple[sitk.Image, tuple[int, int, int]] | None = field(default=None, repr=False)
 
     @property
     def body(self) -> BodyFrame:
@@ -151,27 +150,30 @@ class PreparedVolume:
         """(n, 3) canonical (z, y, x) voxels -> (n, 2) body-relative (u, v)."""
         return self.body.coordinates(np.asarray(zyx, np.float64))[:, :2]
 
-    @property
-    def canonical_grid(self) -> sitk.Image:
-        """A one-voxel image with the canonical volume's origin, spacing and direction: its
-        geometry without its voxels. Reorienting the image itself on every call cost a copy of it
-        each time (300 MB for a 512x512x300 CT)."""
-        if self._grid is None:
+    def _canonical_geometry(self) -> tuple[sitk.Image, tuple[int, int, int]]:
+        """The canonical volume's geometry, found once by reorienting a uint8 image of the
+        image's grid: reorienting the image itself on every call cost a copy of it each time
+        (300 MB for a 512x512x300 CT)."""
+        if self._canonical is None:
             probe = sitk.Image(self.image.GetSize(), sitk.sitkUInt8)
             probe.CopyInformation(self.image)
             canonical = _to_canonical(probe)
-            self._shape_zyx = tuple(canonical.GetSize()[::-1])
-            self._grid = sitk.Image([1, 1, 1], sitk.sitkUInt8)
-            self._grid.SetOrigin(canonical.GetOrigin())
-            self._grid.SetSpacing(canonical.GetSpacing())
-            self._grid.SetDirection(canonical.GetDirection())
-        return self._grid
+            grid = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+            grid.SetOrigin(canonical.GetOrigin())
+            grid.SetSpacing(canonical.GetSpacing())
+            grid.SetDirection(canonical.GetDirection())
+            self._canonical = grid, tuple(canonical.GetSize()[::-1])
+        return self._canonical
+
+    @property
+    def canonical_grid(self) -> sitk.Image:
+        """A one-voxel image with the canonical volume's origin, spacing and direction."""
+        return self._canonical_geometry()[0]
 
     @property
     def shape_zyx(self) -> tuple[int, int, int]:
         """Array shape of the canonical volume."""
-        self.canonical_grid
-        return self._shape_zyx
+        return self._canonical_geometry()[1]
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:

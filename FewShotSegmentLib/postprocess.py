@@ -25,14 +25,16 @@ PAIRED_ORGAN_WORDS = ("kidney", "lung", "adrenal", "femur", "humerus", "hip", "c
 SIDE_WORDS = {"left", "right", "l", "r", "lt", "rt"}
 
 
-def _components(mask: np.ndarray) -> tuple[np.ndarray, int, tuple[slice, ...]]:
-    """3D connected components of a boolean (z, y, x) mask, labelled within the mask's bounding
-    box only: an organ fills a small part of a 512x512x300 CT, and a label array of the whole
-    grid is 4 bytes a voxel (300 MB). Returns (components of the box, count, box)."""
+def components_in_box(mask: np.ndarray, structure: np.ndarray = CONNECTIVITY_3D
+                      ) -> tuple[np.ndarray, int, tuple[slice, ...]]:
+    """Connected components of a boolean mask, labelled within the mask's bounding box only: an
+    organ fills a small part of a 512x512x300 CT, and a label array of the whole grid is 4 bytes
+    a voxel (300 MB). Returns (components of the box, count, box)."""
+    mask = np.asarray(mask, bool)
     boxes = ndimage.find_objects(mask.view(np.uint8))
     if not boxes:
         return np.zeros((0,) * mask.ndim, np.int32), 0, tuple(slice(0, 0) for _ in range(mask.ndim))
-    components, count = ndimage.label(mask[boxes[0]], structure=CONNECTIVITY_3D)
+    components, count = ndimage.label(mask[boxes[0]], structure=structure)
     return components, count, boxes[0]
 
 
@@ -55,8 +57,6 @@ def clean_label(mask, seed=None, keep: int = 1, min_voxels: int = 20) -> np.ndar
     mask = np.asarray(mask, bool)
     if mask.ndim != 3:
         raise InputError(f"clean_label needs a 3D (z, y, x) mask, got shape {mask.shape}")
-    if keep < 1:
-        raise InputError(f"keep must be at least 1, got {keep}")
     if seed is not None:
         seed = np.asarray(seed, bool)
         if seed.shape != mask.shape:
@@ -69,7 +69,9 @@ def _kept_components(mask: np.ndarray, seed: np.ndarray | None, seed_value, keep
                      min_voxels: int) -> tuple[np.ndarray, tuple[slice, ...]]:
     """clean_label within the mask's bounding box: (kept voxels of the box, box). ``seed`` is
     boolean, or a label map whose ``seed_value`` voxels are the seed (read within the box only)."""
-    components, count, box = _components(mask)
+    if keep < 1:
+        raise InputError(f"keep must be at least 1, got {keep}")
+    components, count, box = components_in_box(mask)
     if count == 0:
         return np.zeros(components.shape, bool), box
     sizes = np.bincount(components.ravel())
@@ -85,6 +87,7 @@ def _kept_components(mask: np.ndarray, seed: np.ndarray | None, seed_value, keep
             break
         kept.add(component)
     return np.isin(components, sorted(kept)), box
+
 
 def values_present(values: np.ndarray) -> np.ndarray:
     """The distinct values of an integer label array, in order, without the sorted copy of the
@@ -115,8 +118,6 @@ def clean_label_map(label_map, template_map=None, keep: dict[int, int] | int = 1
         if label == 0:
             continue
         count = keep.get(int(label), 1) if isinstance(keep, dict) else keep
-        if count < 1:
-            raise InputError(f"keep must be at least 1, got {count}")
         part, box = _kept_components(values == label, None if template_map is None else template, label,
                                      count, min_voxels)
         cleaned[box][part] = label                    # the box is a view of ``cleaned``
@@ -196,7 +197,7 @@ def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int
     a component's largest cross-section along ``slice_axis`` must reach MIN_AREA_FRACTION of it.
     Returns (mask, evidence of the kept)."""
     mask = np.asarray(mask, bool)
-    components, count, box = _components(mask)
+    components, count, box = components_in_box(mask)
     if count == 0:
         return np.zeros(mask.shape, bool), []
     sizes = np.bincount(components.ravel())
@@ -226,7 +227,7 @@ def strong_components(mask: np.ndarray, seed: np.ndarray, confidence: np.ndarray
     if confidence is None:
         return np.zeros(mask.shape, bool)
     mask = np.asarray(mask, bool)
-    components, count, box = _components(mask)
+    components, count, box = components_in_box(mask)
     if count == 0:
         return np.zeros(mask.shape, bool)
     seeded = set(np.unique(components[np.asarray(seed, bool)[box]]).tolist()) - {0}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 import time
@@ -48,6 +49,12 @@ def _libc():
     variable is for measuring what these settings are worth)."""
     if not sys.platform.startswith("linux") or os.environ.get("FEWSHOT_KEEP_FREED_MEMORY") == "0":
         return None
+    return _load_glibc()
+
+
+@functools.lru_cache(maxsize=1)
+def _load_glibc():
+    """Loaded once: find_library runs ldconfig, and every encoding asks twice."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
