@@ -59,8 +59,12 @@ class PipelineConfig:
     # propagation scores pixels on a grid of this many feature cells and interpolates between them
     score_stride_cells: float = 0.5
     # ...coarse to fine: exactly only near class boundaries and doubt, interpolated elsewhere
-    # (pipeline.adaptive_scores: 2.5x less adapter work; False scores every grid point)
+    # (propagation.adaptive_scores: 2.5x less adapter work; False scores every grid point)
     adaptive_scoring: bool = True
+    # on a painted volume whose labels are all known single organs, score only the slices that a
+    # component touching the painting can reach (propagation.reachable_slices: the result is the
+    # same as scoring every slice; the rest is background without doubt in uncertainty.nrrd)
+    reachable_only: bool = True
     negative_margin_px: int = 0       # >0: background pixels this close to a RoI are not negatives
     # ...and never closer than this fraction of the stroke's equivalent radius: the rim just outside
     # an under-painted organ is organ, so it must not be taught as background
@@ -80,7 +84,7 @@ class PipelineConfig:
     # it moved organs by up to 0.05 either way (benchmarks/results/cross_patient.md)
     location: str = "off"
     # on a volume without painting (another patient), the label scores are weighted by how near
-    # each pixel lies to where the template had the label (pipeline.LocationPrior; the exponent of
+    # each pixel lies to where the template had the label (propagation.LocationPrior; the exponent of
     # that weight; 0 disables)
     location_prior: float = 1.0
     samples_per_label: int = 2000     # training pixels per label per template slice

@@ -16,24 +16,23 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from . import __version__
 from .adapters import Adapter, adapter_from_state, create_adapter, sample_training_pixels
 from .acceleration import resolve_precision
 from .adapters.base import TrainingPixels
-from .runtime import small_ops
 from .backbones import Backbone, build_backbone, pick_device
 from .config import ANATOMICAL_AXES, PipelineConfig
-from .errors import Cancelled, CheckpointError, InputError
+from .errors import CheckpointError, InputError
 from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, volume_from_slices
-from .guidance import suggest_slices, uncertainty_from_scores
+from .guidance import label_reach, suggest_slices
 from .landmarks import landmarks_from_label_map
-from .location import PATIENT_VARIATION, BodyFrame, LocatedFeatures, slice_to_volume
+from .location import BodyFrame, LocatedFeatures, slice_to_volume
 from .postprocess import (choose_components, clean_label_map, cut_regrowth, default_keep, is_known_organ,
                           strong_components)
 from .preprocessing import guess_modality, normalize_volume
+from .propagation import score_volume
 from .refine import refinement_agreement, refine_label_slices
 
 MODEL_FORMAT = "fewshotsegment-adapter"
@@ -418,145 +417,6 @@ def _to_index(stack: np.ndarray, values: list[int]) -> np.ndarray:
     return index
 
 
-def neighbour_weights(sigma_mm: float, spacing_mm: float) -> np.ndarray:
-    """Gaussian weights for the slices around a slice (odd length, its own weight in the middle),
-    for a sigma in mm; a single 1 when the slices are too far apart for it to matter."""
-    sigma = sigma_mm / max(spacing_mm, 1e-6)
-    radius = min(3, int(np.ceil(2 * sigma))) if sigma >= 0.3 else 0
-    offsets = np.arange(-radius, radius + 1)
-    return np.exp(-0.5 * (offsets / max(sigma, 1e-6)) ** 2)
-
-
-def upsample_scores(scores: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
-    """(C, H', W') scores sampled at pixels 0, s, 2s, ... -> (C, H, W) on every pixel.
-
-    The samples sit ON pixels (features.VolumeFeatures.dense), so this interpolates between sample
-    positions (align_corners=True onto the (H'-1)s+1 pixels they span) and repeats the last sample
-    over the < s pixels beyond it; cell-centre interpolation would move masks by (s-1)/2 pixels."""
-    if stride == 1:
-        return scores
-    h, w = size
-    hh, ww = scores.shape[1:]
-    span = ((hh - 1) * stride + 1, (ww - 1) * stride + 1)
-    up = F.interpolate(scores[None], size=span, mode="bilinear", align_corners=True) if hh > 1 and ww > 1 \
-        else F.interpolate(scores[None], size=span, mode="nearest")
-    return F.pad(up, (0, w - span[1], 0, h - span[0]), mode="replicate")[0]
-
-
-SETTLED_MARGIN = 0.2     # adaptive_scores: a coarse point leading by this much, among like neighbours, is settled
-
-
-def adaptive_scores(adapter, features, index: int, stride: int, margin: float = SETTLED_MARGIN) -> torch.Tensor:
-    """(C, H', W') scores on every ``stride``-th pixel, as ``adapter.score_slice(features, index,
-    stride)``, computed coarse to fine: the adapter scores every other point of that grid, the
-    rest is interpolated, and only points near a coarse point that is not settled (its winner
-    differs from a neighbour's, or leads the runner-up by less than ``margin``) are scored
-    exactly. Measured on CHAOS P1 and the demo CT (one slice per organ): 14-16 % of the points
-    are scored exactly and 0.01-0.02 % of them change class, for 2.5x less adapter work."""
-    h, w = features.slice_shape
-    rows, cols = np.arange(0, h, stride), np.arange(0, w, stride)
-    if len(rows) < 8 or len(cols) < 8:
-        return adapter.score_slice(features, index, stride)
-    coarse = adapter.score_slice(features, index, 2 * stride)          # the fine grid's even points
-    fine = upsample_scores(coarse, (len(rows), len(cols)), 2)
-    top = coarse.topk(min(2, len(coarse)), dim=0)
-    winner = top.indices[0].float()[None, None]
-    mixed = F.max_pool2d(winner, 3, 1, 1) != -F.max_pool2d(-winner, 3, 1, 1)
-    unsettled = mixed[0, 0] | (top.values[0] - top.values[-1] < margin)
-    near = upsample_scores(unsettled[None].float(), fine.shape[1:], 2)[0] > 0
-    near[2 * (coarse.shape[1] - 1) + 1:] = True          # beyond the last coarse row / column: extrapolated
-    near[:, 2 * (coarse.shape[2] - 1) + 1:] = True
-    ii, jj = torch.nonzero(near, as_tuple=True)
-    if len(ii):
-        fine[:, ii, jj] = adapter.score_pixels(features, index, rows[ii.numpy()], cols[jj.numpy()]).to(fine.dtype)
-    return fine
-
-
-@dataclass
-class VolumeScores:
-    """The adapter's decision on every slice along the propagation axis, (N, H, W) each."""
-    index: np.ndarray           # uint8: winning class (0 background, k = k-th label)
-    runner_up: np.ndarray       # uint8: second most probable class
-    uncertainty: np.ndarray     # uint8 0..255 (guidance.uncertainty_from_scores)
-    confidence: np.ndarray      # uint8 0..255: the winning class's probability
-
-
-def score_volume(model: TrainedModel, prepared: PreparedVolume, progress: Progress = _noop,
-                 cancel: Callable[[], bool] | None = None, use_prior: bool = False) -> VolumeScores:
-    """Adapter class per pixel, with the runner-up and the uncertainty between them.
-
-    Each slice's class probabilities are averaged with its neighbours' (``smooth_across_mm``)
-    before the decision, so an organ's outline does not jump from slice to slice. Only the
-    window of neighbouring slices is held in memory."""
-    features = prepared.adapter_features(model.config.location)
-    n = len(features)
-    h, w = features.slice_shape
-    # Feature cells are 4 / scale pixels (LiteMedSAM); scoring every pixel of a cell several times
-    # adds nothing, so score on a grid of ``score_stride_cells`` cells and interpolate the scores.
-    cell = features.frame[0] / features.features.shape[2] / features.scale
-    stride = max(1, int(round(cell * model.config.score_stride_cells)))
-    weights = neighbour_weights(model.config.smooth_across_mm, prepared.slice_spacing_mm)
-    bf16 = resolve_precision(model.config.precision, torch.device("cpu")) == "bf16"
-    radius = len(weights) // 2
-    prior = LocationPrior(model, prepared, stride) \
-        if use_prior and model.config.location_prior > 0 and model.locations else None
-    window: dict[int, torch.Tensor] = {}
-    out = VolumeScores(*(np.zeros((n, h, w), np.uint8) for _ in range(4)))
-    for i in range(n + radius):
-        if i < n:
-            if cancel and cancel():
-                raise Cancelled("cancelled while propagating")
-            # small ops: more threads only on idle cores (runtime.small_ops); bf16 (where the encoder
-            # runs bf16, i.e. the CPU has AMX / AVX512-BF16) puts the adapter's matmuls on those units
-            with small_ops(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                window[i] = (adaptive_scores(model.adapter, features, i, stride) if model.config.adaptive_scoring
-                             else model.adapter.score_slice(features, i, stride)).float()
-            if prior is not None:
-                window[i] = prior.apply(window[i], i)
-        j = i - radius                      # the slice whose neighbours are all scored now
-        if j < 0:
-            continue
-        near = [(weights[d + radius], window[j + d]) for d in range(-radius, radius + 1) if 0 <= j + d < n]
-        scores = sum(float(wt) * sc for wt, sc in near) / sum(float(wt) for wt, _ in near)
-        full = upsample_scores(scores, (h, w), stride)
-        top = full.topk(min(2, len(full)), dim=0)
-        out.index[j] = top.indices[0].numpy()
-        out.runner_up[j] = top.indices[-1].numpy()
-        out.confidence[j] = np.round(top.values[0].clamp(0, 1).numpy() * 255).astype(np.uint8)
-        out.uncertainty[j] = uncertainty_from_scores(full.numpy())
-        window.pop(j - radius, None)
-        progress((j + 1) / n, "propagate", f"slice {j + 1}/{n}")
-    return out
-
-
-class LocationPrior:
-    """Where each label was on the template, as evidence for which label a foreground pixel
-    is: every label's score is weighted by exp(-d^2 / 2) ** weight, d the pixel's distance from the
-    label's mean body-relative position (u, v) in units of the label's spread there (widened by
-    location.PATIENT_VARIATION), and rescaled so that the best label keeps the
-    best score. So the features alone still decide organ against background (and the confidence
-    of a voxel), and location decides between organs the features cannot tell apart (the left and
-    the right kidney, spleen against liver tissue)."""
-
-    def __init__(self, model: TrainedModel, prepared: PreparedVolume, stride: int):
-        h, w = prepared.features.slice_shape
-        self.rows, self.cols = np.meshgrid(np.arange(0, h, stride), np.arange(0, w, stride), indexing="ij")
-        self.prepared, self.weight = prepared, model.config.location_prior
-        stats = np.array([model.locations[v] for v in model.label_values], np.float32)   # (K, 4)
-        self.mean = torch.from_numpy(stats[:, :2])[:, :, None, None]
-        self.spread = torch.from_numpy(np.hypot(stats[:, 2:4], PATIENT_VARIATION))[:, :, None, None]
-
-    def apply(self, scores: torch.Tensor, index: int) -> torch.Tensor:
-        zyx = slice_to_volume(index, self.rows.ravel(), self.cols.ravel(), self.prepared.axis)
-        uv = torch.from_numpy(self.prepared.body_position(zyx).T.reshape(2, *self.rows.shape).astype(np.float32))
-        d2 = (((uv[None] - self.mean) / self.spread) ** 2).sum(1)                # (K, H', W')
-        labels = scores[1:]
-        weighted = labels * torch.exp(-0.5 * self.weight * d2)
-        top = labels.max(0).values
-        weighted = weighted * (top / weighted.max(0).values.clamp_min(1e-12))
-        return torch.cat([scores[:1], weighted])
-
-
 def painted_slices(seeds: np.ndarray | None) -> list[int]:
     return [] if seeds is None else [int(i) for i in np.flatnonzero(seeds.reshape(len(seeds), -1).any(1))]
 
@@ -586,19 +446,30 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     # the location prior only where nothing is painted: on the painted volume the painting anchors
     # each label (seeded components), and a label painted on one slice gives too narrow a spread
     # (measured on CHAOS P1, one slice per organ: spleen 0.96 -> 0.80 with the prior)
+    keep = {k: config.keep_components or default_keep(model.labels[v]["name"])
+            for k, v in enumerate(model.label_values, start=1)}
+    # scoring only the slices a painted label can reach is exact when the clean-up keeps nothing
+    # else: every label a known organ with one part (unknown names keep strong components
+    # anywhere, and a label of two parts painted as one takes the largest other component)
+    reach = painted and config.reachable_only and all(
+        keep[k] == 1 and is_known_organ(model.labels[v]["name"]) for k, v in enumerate(model.label_values, start=1))
     scored = score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel,
-                          use_prior=template is None)
-    index = _paint(scored.index.copy(), seeds, painted)
+                          use_prior=template is None, reach_from=seeds if reach else None)
     timings["propagate_s"] = time.perf_counter() - start
+    while True:
+        adapter_index = _paint(scored.index.copy(), seeds, painted)
+        evidence = {}
+        index = _paint(_clean_by_evidence(adapter_index, seeds, keep, scored.confidence, model, prepared,
+                                          evidence), seeds, painted)
+        if scored.covers(index):
+            break
+        start = time.perf_counter()
+        scored.score_all()      # a kept component runs onto an unscored slice (it turned back from beyond)
+        timings["propagate_s"] += time.perf_counter() - start
     values = np.array([0] + model.label_values, dtype=np.uint16)
     stages = {}
     if keep_stages:
-        stages["adapter"] = prepared.from_slices(values[index])
-    keep = {k: config.keep_components or default_keep(model.labels[v]["name"])
-            for k, v in enumerate(model.label_values, start=1)}
-    evidence = {}
-    index = _paint(_clean_by_evidence(index, seeds, keep, scored.confidence, model, prepared, evidence),
-                   seeds, painted)
+        stages["adapter"] = prepared.from_slices(values[adapter_index])
     if keep_stages:
         stages["components"] = prepared.from_slices(values[index])
     refinement = {}
@@ -624,6 +495,10 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     if config.smooth_final_mm > 0:
         index = _paint(_smooth_labels(index, config.smooth_final_mm, prepared), seeds, painted)
     label_image = prepared.from_slices(values[index])
+    start = time.perf_counter()
+    for k in range(1, len(model.label_values) + 1):    # the doubt the suggestions read (label_reach)
+        scored.score(range(*label_reach(index, k)[0].indices(len(index))))
+    timings["propagate_s"] += time.perf_counter() - start
     uncertainty = scored.uncertainty
     uncertainty[painted] = 0                      # the painting is certain
     painted_per_label = {k: [i for i in painted if (seeds[i] == k).any()] or painted
@@ -635,6 +510,7 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     counts = {model.labels[v]["name"]: int((values[index] == v).sum()) for v in model.label_values}
     missing = [name for name, n in counts.items() if n == 0]
     summary = {"voxels": counts, "not_found": missing, "timings": timings, "axis": prepared.axis,
+               "scored_slices": int(scored.scored.sum()),
                "components": evidence,
                "painted_slices": painted, "refinement": refinement, "suggested_slices": suggestions,
                "landmarks": [{"label": p["label"], "position_lps": list(p["position"])} for p in landmarks]}
@@ -756,7 +632,7 @@ def _scaled(progress: Progress, offset: float, factor: float) -> Progress:
 
 
 # Settings that act after the adapter and may differ from training when applying a saved adapter.
-RUNTIME_FIELDS = ("device", "precision", "compile", "score_stride_cells", "cache_dir", "batch_size", "refine",
+RUNTIME_FIELDS = ("device", "precision", "compile", "score_stride_cells", "reachable_only", "cache_dir", "batch_size", "refine",
                   "n_points", "sam_checkpoint", "landmarks", "keep_components", "min_component_voxels",
                   "smooth_across_mm", "smooth_final_mm")
 

@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from FewShotSegmentLib import pipeline
+from FewShotSegmentLib import pipeline, propagation
 from FewShotSegmentLib.adapters.base import Adapter
 from FewShotSegmentLib.backbones import Encoded
 from FewShotSegmentLib.config import PipelineConfig
@@ -46,7 +46,7 @@ def model(adapter, **config):
 
 def test_scores_are_not_shifted_by_the_sampling_stride():
     prepared = prepared_volume()
-    index = pipeline.score_volume(model(LinearAdapter(), smooth_across_mm=0), prepared).index
+    index = propagation.score_volume(model(LinearAdapter(), smooth_across_mm=0), prepared).index
     expected = np.zeros((512, 512), np.uint8)
     expected[:, 37:] = 1
     for plane in index:
@@ -55,7 +55,7 @@ def test_scores_are_not_shifted_by_the_sampling_stride():
 
 def test_upsampling_keeps_samples_on_their_pixels():
     scores = torch.arange(12, dtype=torch.float32).view(1, 3, 4)        # samples at rows 0,4,8 cols 0,4,8,12
-    up = pipeline.upsample_scores(scores, (11, 15), 4)
+    up = propagation.upsample_scores(scores, (11, 15), 4)
     assert up.shape == (1, 11, 15)
     np.testing.assert_allclose(up[0, ::4, ::4].numpy(), scores[0].numpy())
     np.testing.assert_allclose(up[0, 9:, 12:].numpy(), scores[0, 2, 3].item())   # beyond the last sample: repeated
@@ -64,12 +64,12 @@ def test_upsampling_keeps_samples_on_their_pixels():
 def test_a_slice_that_disagrees_with_its_neighbours_is_outvoted_when_smoothing():
     prepared = prepared_volume(n=5, spacing=1.0)
     adapter = LinearAdapter(flipped={2})
-    alone = pipeline.score_volume(model(adapter, smooth_across_mm=0), prepared).index
-    smoothed = pipeline.score_volume(model(adapter, smooth_across_mm=1.5), prepared).index
+    alone = propagation.score_volume(model(adapter, smooth_across_mm=0), prepared).index
+    smoothed = propagation.score_volume(model(adapter, smooth_across_mm=1.5), prepared).index
     assert alone[2, 0, 100] == 0 and alone[1, 0, 100] == 1
     assert smoothed[2, 0, 100] == 1 and smoothed[2, 0, 10] == 0
     # far-apart slices (7.7 mm MRI) are not smoothed by a 1.5 mm sigma
-    assert pipeline.neighbour_weights(1.5, 7.7).tolist() == [1.0]
+    assert propagation.neighbour_weights(1.5, 7.7).tolist() == [1.0]
 
 
 def test_painted_slices_come_back_exactly_as_painted():
@@ -136,9 +136,75 @@ def test_coarse_to_fine_scoring_gives_the_full_grid_answer_with_less_work():
     adapter = BlockAdapter()
     full = adapter.score_slice(prepared.features, 0, 4)
     asked_full, adapter.asked = adapter.asked, 0
-    adaptive = pipeline.adaptive_scores(adapter, prepared.features, 0, 4)
+    adaptive = propagation.adaptive_scores(adapter, prepared.features, 0, 4)
     assert adaptive.shape == full.shape
     assert torch.equal(adaptive.argmax(0), full.argmax(0))
     # inside the blocks and the far background the interpolated scores are the exact ones
     assert torch.allclose(adaptive, full, atol=1e-5)
     assert adapter.asked < 0.5 * asked_full, (adapter.asked, asked_full)
+
+
+class VolumeAdapter(Adapter):
+    """Label 1 exactly where ``truth`` (N, H, W) says, background 0.5 elsewhere; records the
+    slices it is asked about."""
+    kind = "volume"
+
+    def __init__(self, truth):
+        super().__init__()
+        self.n_labels, self.truth, self.slices = 1, torch.from_numpy(truth.astype(np.float32)), set()
+
+    def score_pixels(self, features, index, rows, cols):
+        self.slices.add(index)
+        label = self.truth[index][torch.as_tensor(rows), torch.as_tensor(cols)]
+        return torch.stack([torch.full_like(label, 0.5), label])
+
+
+def _segment_blocks(truth, painted_slice, **config):
+    """segment() of a 'liver' whose adapter answers ``truth``, painted on one slice."""
+    n, size = truth.shape[0], truth.shape[1]
+    prepared = prepared_volume(n=n, size=size, spacing=2.0)
+    template = np.zeros(truth.shape, np.uint8)
+    template[painted_slice] = truth[painted_slice]
+    image = sitk.GetImageFromArray(template)
+    image.CopyInformation(prepared.image)
+    adapter = VolumeAdapter(truth)
+    config = {"refine": "none", "landmarks": False, "smooth_across_mm": 3.0, **config}
+    trained = pipeline.TrainedModel(adapter, PipelineConfig(**config), [1],
+                                    {1: {"name": "liver", "color": [1, 0, 0]}}, "test")
+    prediction = pipeline.segment(trained, prepared, image)
+    return sitk.GetArrayFromImage(prediction.labels), prediction, adapter.slices
+
+
+def test_only_slices_the_painting_can_reach_are_scored_and_the_result_is_the_same():
+    truth = np.zeros((24, 64, 64), np.uint8)
+    truth[4:13, 10:30, 10:30] = 1          # the organ, painted on slice 8
+    truth[17:21, 40:60, 40:60] = 1         # a false positive elsewhere, which the clean-up drops
+    reach, prediction, asked = _segment_blocks(truth, 8)
+    every, full, asked_all = _segment_blocks(truth, 8, reachable_only=False)
+    np.testing.assert_array_equal(reach, every)
+    np.testing.assert_array_equal(reach[4:13], truth[4:13])
+    assert not reach[17:21].any()
+    assert prediction.suggestions == full.suggestions
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(prediction.uncertainty)[:16],
+                                  sitk.GetArrayFromImage(full.uncertainty)[:16])
+    assert asked_all == set(range(24))
+    assert prediction.summary["scored_slices"] < 20 and not asked & set(range(19, 24)), sorted(asked)
+
+
+def test_a_component_that_turns_back_towards_unscored_slices_is_followed():
+    # from the painting (slice 2) up column A to slice 10, across, down column E to slice 6,
+    # across, and up column G beyond slice 10: slice by slice, the sweep loses the path at
+    # slice 11 (nothing there touches what it followed); the 3D clean-up sees G reach the last
+    # scored slice and the rest is scored
+    truth = np.zeros((24, 64, 64), np.uint8)
+    truth[2:11, 10:20, 5:10] = 1           # A
+    truth[10, 10:20, 5:30] = 1             # bridge A-E
+    truth[6:11, 10:20, 25:30] = 1          # E
+    truth[6, 10:20, 25:45] = 1             # bridge E-G
+    truth[6:20, 10:20, 40:45] = 1          # G
+    # no smoothing across slices: it would blur the one-slice bridges away
+    reach, prediction, asked = _segment_blocks(truth, 2, cut_regrowth=False, smooth_across_mm=0)
+    every, _, _ = _segment_blocks(truth, 2, cut_regrowth=False, smooth_across_mm=0, reachable_only=False)
+    np.testing.assert_array_equal(reach, every)
+    assert reach[12:20, 10:20, 40:45].all()
+    assert asked == set(range(24))        # the fallback scored the rest
