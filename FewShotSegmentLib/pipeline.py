@@ -479,7 +479,8 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
         refine_values = None
         if painted:
             agreement = refinement_agreement(seeds, painted, prepared.features, prepared.slices01, config.refine,
-                                             config.n_points, config.seed, config.sam_checkpoint, device)
+                                             config.n_points, config.seed, config.sam_checkpoint, device,
+                                             config.precision)
             refine_values = [k for k, d in agreement.items() if d >= config.refine_min_dice]
             refinement = {model.labels[model.label_values[k - 1]]["name"]:
                           {"painting_dice": round(d, 4), "refined": d >= config.refine_min_dice}
@@ -487,7 +488,8 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
         index = refine_label_slices(index, prepared.features, prepared.slices01, config.refine, config.n_points,
                                     config.seed, config.sam_checkpoint, device,
                                     lambda f, m: progress(0.8 + 0.15 * f, "refine", m), cancel,
-                                    refine_values=refine_values, skip_slices=painted)
+                                    refine_values=refine_values, skip_slices=painted,
+                                    precision=config.precision)
         index = _paint(_clean_by_evidence(index, seeds, keep, scored.confidence, model, prepared), seeds, painted)
         timings["refine_s"] = time.perf_counter() - start
         if keep_stages:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .acceleration import resolve_precision
 from .backbones import load_litemedsam, load_state_dict
 from .runtime import small_ops
 from .errors import Cancelled, CheckpointError, InputError
@@ -50,10 +51,14 @@ def component_prompts(mask2d: np.ndarray, strategy: str, n_points: int, rng: np.
 class LiteMedSAMRefiner:
     """Decodes prompts against the LiteMedSAM embeddings stored with the volume features."""
 
-    def __init__(self, checkpoint: str = "", device: torch.device | str = "cpu"):
+    def __init__(self, checkpoint: str = "", device: torch.device | str = "cpu", precision: str = "fp32"):
         self.model = load_litemedsam(checkpoint)
         self.device = torch.device(device)
         self.model.to(self.device)
+        # bf16 where the device has fast bf16 units (precision "auto" there): measured on these
+        # CPUs (AMX), 0.13 s instead of 0.20 s for a slice's three boxes, masks with Dice 0.99-1.0
+        # to fp32's
+        self.precision = resolve_precision(precision, self.device)
 
     @torch.inference_mode()
     def logits(self, embedding: torch.Tensor, scale: float, slice_shape, box=None, points=None) -> np.ndarray:
@@ -72,6 +77,10 @@ class LiteMedSAMRefiner:
         return self._decode(embedding, scale, slice_shape, np.asarray(boxes, np.float32), None)
 
     def _decode(self, embedding, scale, slice_shape, boxes, pts) -> np.ndarray:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self._decode_as_set(embedding, scale, slice_shape, boxes, pts)
+
+    def _decode_as_set(self, embedding, scale, slice_shape, boxes, pts) -> np.ndarray:
         h, w = slice_shape
         box_tensor = None if boxes is None else torch.as_tensor((boxes + 0.5) * scale, device=self.device)[:, None]
         sparse, dense = self.model.prompt_encoder(points=pts, boxes=box_tensor, masks=None)
@@ -118,13 +127,13 @@ class SAMRefiner:
         return masks[0, 0].cpu().numpy()
 
 
-def _make_refiner(features, sam_checkpoint: str, device):
+def _make_refiner(features, sam_checkpoint: str, device, precision: str = "fp32"):
     if sam_checkpoint:
         return SAMRefiner(sam_checkpoint, device)
     if features.sam_embeddings is None:
         raise InputError("LiteMedSAM refinement needs LiteMedSAM embeddings; use a LiteMedSAM backbone "
                          "or give a SAM checkpoint")
-    return LiteMedSAMRefiner(device=device)
+    return LiteMedSAMRefiner(device=device, precision=precision)
 
 
 class DecodedBoxes:
@@ -147,8 +156,8 @@ class DecodedBoxes:
         return cache
 
     @staticmethod
-    def key(index, box, device) -> tuple:
-        return (int(index), tuple(int(v) for v in box), str(device))
+    def key(index, box, device, precision: str = "fp32") -> tuple:
+        return (int(index), tuple(int(v) for v in box), str(device), precision)
 
     def get(self, key, shape) -> np.ndarray | None:
         crop = self.entries.get(key)
@@ -198,7 +207,7 @@ def _cached_box_logits(refiner, features, index, shape, boxes) -> list[np.ndarra
     """LiteMedSAM box prompts of one slice: those not answered before on this volume
     (DecodedBoxes) decoded in one batch."""
     cache = DecodedBoxes.of(features)
-    keys = [cache.key(index, box, refiner.device) for box in boxes]
+    keys = [cache.key(index, box, refiner.device, refiner.precision) for box in boxes]
     logits = [cache.get(key, shape) for key in keys]
     missing = [i for i, logit in enumerate(logits) if logit is None]
     if missing:
@@ -213,12 +222,12 @@ def _cached_box_logits(refiner, features, index, shape, boxes) -> list[np.ndarra
 
 def refinement_agreement(template: np.ndarray, painted: list[int], features, slices01: np.ndarray,
                          strategy: str = "box", n_points: int = 10, seed: int = 0, sam_checkpoint: str = "",
-                         device="cpu") -> dict[int, float]:
+                         device="cpu", precision: str = "fp32") -> dict[int, float]:
     """{label index: Dice between the painting and SAM prompted from the painting itself}, over the
     painted slices. This is the evidence the user already gave of whether SAM can draw a label:
     a solid organ is reproduced (Dice ~0.9), a ring or a wall around a lumen is filled (low Dice)."""
     rng = np.random.default_rng(seed)
-    refiner = _make_refiner(features, sam_checkpoint, device)
+    refiner = _make_refiner(features, sam_checkpoint, device, precision)
     with small_ops():
         return _agreement(template, painted, refiner, features, slices01, strategy, n_points, rng)
 
@@ -241,7 +250,7 @@ def _agreement(template, painted, refiner, features, slices01, strategy, n_point
 def refine_label_slices(labels: np.ndarray, features, slices01: np.ndarray, strategy: str = "box",
                         n_points: int = 10, seed: int = 0, sam_checkpoint: str = "", device="cpu",
                         progress: Callable | None = None, cancel: Callable | None = None,
-                        refine_values=None, skip_slices=()) -> np.ndarray:
+                        refine_values=None, skip_slices=(), precision: str = "fp32") -> np.ndarray:
     """Refine an (N, H, W) label-index stack slice by slice; returns a new stack.
 
     Only labels in ``refine_values`` (default: all) are refined; the others keep their pixels, and
@@ -256,7 +265,7 @@ def refine_label_slices(labels: np.ndarray, features, slices01: np.ndarray, stra
     out = labels.copy()
     if not refine_values:
         return out
-    refiner = _make_refiner(features, sam_checkpoint, device)
+    refiner = _make_refiner(features, sam_checkpoint, device, precision)
     skip = set(skip_slices)
     fixed = np.array(sorted(present - refine_values), dtype=labels.dtype)
     busy = [i for i in range(len(labels)) if i not in skip and np.isin(labels[i], list(refine_values)).any()]
