@@ -375,7 +375,8 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
     if warm_start is not None and warm_start.label_values == values:
         adapter.warm_start(warm_start.adapter)
     torch.manual_seed(config.seed)
-    adapter.fit(pixels, progress=lambda f, m: progress(f, "train", m), cancel=cancel)
+    bf16 = config.train_bf16 and resolve_precision("auto", torch.device("cpu")) == "bf16"
+    adapter.fit(pixels, progress=lambda f, m: progress(f, "train", m), cancel=cancel, bf16=bf16)
     locations = {}
     for k, value in enumerate(values, start=1):
         uv = np.concatenate(positions[k])

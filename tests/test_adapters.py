@@ -93,3 +93,19 @@ def test_chunked_scoring_gives_the_scores_of_all_pixels_at_once(kind, synthetic,
     assert chunked.shape == whole.shape == (3, len(rows))
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
     assert adapter.score_pixels(vf, 2, rows[:0], cols[:0]).shape == (3, 0)
+
+
+@pytest.mark.parametrize("kind", ["classification", "contrastive"])
+def test_bf16_training_learns_as_float32_does(kind, synthetic):
+    """fit(bf16=True) runs the matmuls in bfloat16 with float32 weights; autocast's weight cache
+    once kept the first step's bf16 copy for the whole fit, and nothing was learnt."""
+    vf, truth = synthetic
+    template = np.zeros_like(truth)
+    template[1] = truth[1]
+    pixels = sample_training_pixels(vf, template, [1], 300, rng=np.random.default_rng(0))
+    adapter = create_adapter(kind, seed=0, **OPTIONS[kind])
+    adapter.fit(pixels, bf16=True)
+    predicted = predict(adapter, vf)
+    for label in (1, 2):
+        assert dice(predicted == label, truth == label) > 0.85, (kind, label)
+    assert all(v.dtype == torch.float32 for v in adapter.state()["net"].values())
