@@ -13,6 +13,7 @@ as painted for the next pick, so suggestions spread over the volume.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 DOUBTFUL = 0.5          # uncertainty above which a voxel counts as doubtful
 REACH_SLICES = 3.0      # distance (slices) from a painted slice beyond which a slice counts fully
@@ -21,11 +22,16 @@ REACH_MARGIN = 0.1      # a label's result box is widened by this fraction of it
 
 def uncertainty_from_scores(scores) -> np.ndarray:
     """(C, H, W) class scores (torch or numpy) -> (H, W) uint8 uncertainty, 0..255."""
-    scores = np.asarray(scores, dtype=np.float32)
+    scores = torch.as_tensor(np.asarray(scores, dtype=np.float32))
     if scores.shape[0] < 2:
-        return np.zeros(scores.shape[1:], np.uint8)
-    top2 = np.sort(np.partition(scores, -2, axis=0)[-2:], axis=0)
-    margin = top2[1] - top2[0]
+        return np.zeros(tuple(scores.shape[1:]), np.uint8)
+    top2 = scores.topk(2, dim=0).values
+    return uncertainty_from_margin((top2[0] - top2[1]).numpy())
+
+
+def uncertainty_from_margin(margin: np.ndarray) -> np.ndarray:
+    """Uncertainty (uint8, 0..255) from the margin between the best and second-best class score:
+    255 where they tie, 0 from a margin of 0.5 on."""
     return np.round(np.clip(1.0 - 2.0 * margin, 0.0, 1.0) * 255).astype(np.uint8)
 
 
