@@ -362,8 +362,8 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
                                                  config.negative_margin_px, rng, config.negative_margin_fraction))
         pixel_mm2 = prepared.pixel_area_mm2
         for k in range(1, len(values) + 1):
-            positions.setdefault(k, []).append(_label_positions(prepared, index_map, k, rng))
-            counts = (index_map == k).reshape(len(index_map), -1).sum(1)
+            positions.setdefault(k, []).append(_label_positions(prepared, index_map, template_slices, k, rng))
+            counts = (index_map[template_slices] == k).reshape(len(template_slices), -1).sum(1)
             areas.setdefault(k, []).extend((counts[counts > 0] * pixel_mm2).tolist())
     pixels = balance_pixels(per_volume, rng)
     values, meta = matched[0]
@@ -385,9 +385,12 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
     return TrainedModel(adapter, config, values, meta, backbone_id, locations, examples[0][0].modality, areas_mm2)
 
 
-def _label_positions(prepared: PreparedVolume, index_map: np.ndarray, k: int, rng, count: int = 4000) -> np.ndarray:
-    """Body-relative (u, v) of up to ``count`` painted pixels of label k (its place in the body)."""
-    where = np.argwhere(index_map == k)
+def _label_positions(prepared: PreparedVolume, index_map: np.ndarray, painted: list[int], k: int, rng,
+                     count: int = 4000) -> np.ndarray:
+    """Body-relative (u, v) of up to ``count`` painted pixels of label k (its place in the body).
+    Only the ``painted`` slices are searched (on a 512x512x300 CT the whole stack took 0.9 s a label)."""
+    where = np.argwhere(index_map[painted] == k)
+    where[:, 0] = np.asarray(painted)[where[:, 0]]
     where = where[rng.choice(len(where), size=min(count, len(where)), replace=False)]
     return prepared.body_position(slice_to_volume(where[:, 0], where[:, 1], where[:, 2], prepared.axis))
 
