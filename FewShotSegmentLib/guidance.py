@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .postprocess import values_present
+
 DOUBTFUL = 0.5          # uncertainty above which a voxel counts as doubtful
 REACH_SLICES = 3.0      # distance (slices) from a painted slice beyond which a slice counts fully
 REACH_MARGIN = 0.1      # a label's result box is widened by this fraction of its size (label_reach)
@@ -68,7 +70,7 @@ def suggest_slices(uncertainty: np.ndarray, runner_up: np.ndarray, index: np.nda
     of the propagation axis. ``painted``: {label: slices where it is painted} (labels with no entry
     count as painted nowhere). A slice may serve several labels; its score is the sum of theirs."""
     n = len(index)
-    labels = sorted(set(painted) | (set(np.unique(index).tolist()) - {0}))
+    labels = sorted(set(painted) | (set(values_present(index).tolist()) - {0}))
     doubt = {k: doubt_per_slice(uncertainty, runner_up, index, k) for k in labels}
     taken = {k: list(painted.get(k, [])) for k in labels}
     picks = []
