@@ -8,6 +8,7 @@ SAM and the same prompts are used.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import numpy as np
@@ -55,10 +56,11 @@ class LiteMedSAMRefiner:
         self.model = load_litemedsam(checkpoint)
         self.device = torch.device(device)
         self.model.to(self.device)
-        # bf16 where the device has fast bf16 units (precision "auto" there): measured on these
-        # CPUs (AMX), 0.13 s instead of 0.20 s for a slice's three boxes, masks with Dice 0.99-1.0
-        # to fp32's
+        # bf16 where the device has fast bf16 units (precision "auto" there): the mask decoder as a
+        # bf16 copy (autocast would convert its weights and the 4096 image tokens at every linear)
         self.precision = resolve_precision(precision, self.device)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.decoder = _mask_decoder(self.model, self.device, self.dtype)
 
     @torch.inference_mode()
     def logits(self, embedding: torch.Tensor, scale: float, slice_shape, box=None, points=None) -> np.ndarray:
@@ -77,20 +79,49 @@ class LiteMedSAMRefiner:
         return self._decode(embedding, scale, slice_shape, np.asarray(boxes, np.float32), None)
 
     def _decode(self, embedding, scale, slice_shape, boxes, pts) -> np.ndarray:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return self._decode_as_set(embedding, scale, slice_shape, boxes, pts)
-
-    def _decode_as_set(self, embedding, scale, slice_shape, boxes, pts) -> np.ndarray:
         h, w = slice_shape
         box_tensor = None if boxes is None else torch.as_tensor((boxes + 0.5) * scale, device=self.device)[:, None]
         sparse, dense = self.model.prompt_encoder(points=pts, boxes=box_tensor, masks=None)
-        low, _ = self.model.mask_decoder(image_embeddings=embedding[None].float().to(self.device),
-                                         image_pe=self.model.prompt_encoder.get_dense_pe(),
-                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                         multimask_output=False)
+        low = first_mask_logits(self.decoder, *(t.to(device=self.device, dtype=self.dtype) for t in (
+            embedding[None], self.model.prompt_encoder.get_dense_pe(), sparse, dense))).float()
         full = F.interpolate(low, size=(256, 256), mode="bilinear", align_corners=False)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         return F.interpolate(full[..., :nh, :nw], size=(h, w), mode="bilinear", align_corners=False)[:, 0].float().cpu().numpy()
+
+
+_DECODERS: dict[tuple, torch.nn.Module] = {}
+
+
+def _mask_decoder(model, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """LiteMedSAM's mask decoder in ``dtype`` on ``device`` (a copy, made once, when not fp32)."""
+    if dtype == torch.float32:
+        return model.mask_decoder
+    key = (id(model), str(device), dtype)
+    if key not in _DECODERS:
+        _DECODERS[key] = copy.deepcopy(model.mask_decoder).to(device=device, dtype=dtype).eval()
+    return _DECODERS[key]
+
+
+def first_mask_logits(decoder, image_embedding, image_pe, sparse, dense) -> torch.Tensor:
+    """(B, 1, 256, 256) low-resolution logits of the first mask for B prompts against one image
+    embedding (1, C, 64, 64): segment-anything's MaskDecoder.predict_masks with
+    ``multimask_output=False``, laid out for the CPU. The stock code repeats the embedding per
+    prompt in NCHW order, so its (B, 4096, C) image tokens are a transposed view: measured, each
+    of the transformer's adds of those tokens to their positional encoding (also transposed,
+    differently once the first layer made the tokens contiguous) took 27 ms. Here both are made
+    channels-last, their token views contiguous: 2x faster on these CPUs (fp32 logits within
+    1e-5 of the stock decoder's); only the mask that is kept is drawn."""
+    b = sparse.shape[0]
+    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    tokens = torch.cat((tokens[None].expand(b, -1, -1), sparse), dim=1)
+    src = (image_embedding + dense).contiguous(memory_format=torch.channels_last)      # (B, C, H, W)
+    pos = image_pe.expand(b, -1, -1, -1).contiguous(memory_format=torch.channels_last)
+    _, c, h, w = src.shape
+    hs, src = decoder.transformer(src, pos, tokens)                     # src: (B, H*W, C) contiguous
+    upscaled = decoder.output_upscaling(src.view(b, h, w, c).permute(0, 3, 1, 2))
+    hyper = decoder.output_hypernetworks_mlps[0](hs[:, 1, :])[:, None]  # the first mask token
+    _, c2, h2, w2 = upscaled.shape
+    return (hyper @ upscaled.reshape(b, c2, h2 * w2)).view(b, 1, h2, w2)
 
 
 class SAMRefiner:
