@@ -109,3 +109,24 @@ def test_bf16_training_learns_as_float32_does(kind, synthetic):
     for label in (1, 2):
         assert dice(predicted == label, truth == label) > 0.85, (kind, label)
     assert all(v.dtype == torch.float32 for v in adapter.state()["net"].values())
+
+
+def test_same_probability_equals_the_pair_heads_softmax():
+    """same_probability folds the head's first layer into two GEMMs (the hot loop of propagation):
+    it must give softmax(pair_logits) for every (pixel, reference) pair, in float32 exactly and
+    under bf16 autocast within bf16's precision."""
+    from FewShotSegmentLib.adapters.contrastive import SiamesePairNet
+
+    torch.manual_seed(0)
+    net = SiamesePairNet(32, hidden=64, embed=16).eval()
+    refs, others = torch.randn(12, 16), torch.randn(40, 16)
+    with torch.inference_mode():
+        expected = net.pair_logits(refs[None], others[:, None]).softmax(-1)[..., 1]     # (P, R)
+        fused = net.same_probability(refs, others)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused_bf16 = net.same_probability(refs, others)
+    assert fused.shape == fused_bf16.shape == (40, 12)
+    assert fused.dtype == fused_bf16.dtype == torch.float32
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused_bf16, expected, atol=2e-2, rtol=0)
+    assert not torch.allclose(fused_bf16, expected, atol=1e-6, rtol=0)   # bf16 did run
