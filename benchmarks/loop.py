@@ -336,7 +336,7 @@ def main(argv=None):
     plot(summary, out.with_suffix(".png"))
     lines = ["# The correction loop: suggested slices against evenly spaced and random ones, and against Fill between slices", "",
              f"- commit: {payload['commit']} (library digest {loop.library}); command: `{payload['command']}`; "
-             (f"{payload['minutes']} min on 2 CPU cores" if not args.library else "a report of stored runs"), f"- volumes: {', '.join(payload['volumes'])}; random seeds: {seeds}",
+             + (f"{payload['minutes']} min on 2 CPU cores" if not args.library else "a report of stored runs"), f"- volumes: {', '.join(payload['volumes'])}; random seeds: {seeds}",
              "- 'slices/organ' n: the start (each organ's middle slice) and n - 1 added per organ; 'painted slices': "
              "how many distinct slices that is (a slice serves every organ on it). 3D Dice on the whole volume, "
              "mean of liver, right and left kidney, spleen, then over volumes (and seeds).",

@@ -103,6 +103,7 @@ def test_multi_label_one_model_finds_every_organ(ct, prepared):
     assert model.adapter.n_labels == 4
     prediction = pipeline.segment(model, volume, template)
     scores = dice(prediction, reference, values)
+    print("multi-label", scores)
     assert scores[LIVER] >= 0.72 and scores[SPLEEN] >= 0.6, scores
     # kidney_left: 0.74 on an AMD EPYC (AVX512-BF16), ~0.78 where the floor was set (Intel AMX):
     # the seeded training is not the same adapter on every CPU (tests/test_cross_patient.py)
