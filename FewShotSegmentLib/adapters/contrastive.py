@@ -10,6 +10,8 @@ threshold, so a pixel takes the most probable label only when that label is more
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .base import Adapter, Plateau, TrainingPixels, mlp
@@ -34,31 +36,52 @@ class SiamesePairNet(torch.nn.Module):
 
     def same_probability(self, refs: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
         """P(same RoI) for every (other, ref) pair at inference: refs (R, E), others (P, E) -> (P, R)
-        float32, computed in the autocast dtype where autocast is on (bf16 on CPUs with AMX /
-        AVX512-BF16).
+        float32 (see ReferencePairs; for many chunks of pixels against the same refs, build
+        ``self.references_for_pairs(refs)`` once)."""
+        return self.references_for_pairs(refs).same_probability(others)
 
-        Equal to softmax(pair_logits)[..., 1] (the hot loop of propagation), but the (P, R, 4E)
-        concatenation is never built: the head's first layer is split by its four input blocks;
-        the "other" and "product" blocks are linear in the pixel, so for each reference r they
-        fold into one matrix M_r = W_other + W_prod * r, and all of them go through ONE GEMM
-        (P, E) x (E, R*H); only |ref - other| is per pair, one more GEMM added in place."""
+    def references_for_pairs(self, refs: torch.Tensor) -> "ReferencePairs":
+        """The pixel-independent part of same_probability for refs (R, E), in the autocast dtype
+        where autocast is on (bf16 on CPUs with AMX / AVX512-BF16)."""
         first, _, last = self.head
-        n_refs, e = refs.shape
-        hidden = first.out_features
+        e = refs.shape[1]
         dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else refs.dtype
         w_ref, w_other, w_diff, w_prod = first.weight.split(e, dim=1)
-        per_ref = (refs @ w_ref.T + first.bias).reshape(1, -1).to(dt)                # (1, R*H)
-        folded = (w_prod[None] * refs[:, None] + w_other[None]).reshape(-1, e)      # (R*H, E)
-        others = others.to(dt)
-        h = torch.addmm(per_ref, others, folded.T.to(dt))                           # (P, R*H)
-        diff = (refs.to(dt)[None] - others[:, None]).abs_()                         # (P, R, E)
-        # in-place ops and explicit casts: autocast does not cover addmm_ / relu_
-        h = h.view(-1, hidden).addmm_(diff.view(-1, e), w_diff.T.to(dt)).relu_()
-        logit = h @ (last.weight[1] - last.weight[0]).to(dt) + (last.bias[1] - last.bias[0]).to(dt)
-        return torch.sigmoid(logit.float()).view(-1, n_refs)
+        return ReferencePairs(
+            refs=refs.to(dt),
+            per_ref=(refs @ w_ref.T + first.bias).reshape(1, -1).to(dt),                      # (1, R*H)
+            folded=(w_prod[None] * refs[:, None] + w_other[None]).reshape(-1, e).T.to(dt),   # (E, R*H)
+            w_diff=w_diff.T.to(dt), w_last=(last.weight[1] - last.weight[0]).to(dt),
+            b_last=(last.bias[1] - last.bias[0]).to(dt))
 
     def forward(self, ref_feats, other_feats):
         return self.pair_logits(self.embed(ref_feats), self.embed(other_feats))
+
+
+@dataclass
+class ReferencePairs:
+    """SiamesePairNet's pair head with its references folded in: P(same RoI) of pixels against R
+    references, equal to softmax(pair_logits)[..., 1] (the hot loop of propagation), without ever
+    building the (P, R, 4E) concatenation. The head's first layer is split by its four input
+    blocks; the "other" and "product" blocks are linear in the pixel, so for each reference r they
+    fold into one matrix W_other + W_prod * r, and all of them go through ONE GEMM
+    (P, E) x (E, R*H); only |ref - other| is per pair, one more GEMM added in place."""
+    refs: torch.Tensor        # (R, E)
+    per_ref: torch.Tensor     # (1, R*H): W_ref r + b
+    folded: torch.Tensor      # (E, R*H)
+    w_diff: torch.Tensor      # (E, H)
+    w_last: torch.Tensor      # (H,): "same" minus "other" row of the last layer
+    b_last: torch.Tensor
+
+    def same_probability(self, others: torch.Tensor) -> torch.Tensor:
+        """others (P, E) -> (P, R) float32."""
+        n_refs, e = self.refs.shape
+        others = others.to(self.refs.dtype)
+        h = torch.addmm(self.per_ref, others, self.folded)                           # (P, R*H)
+        diff = (self.refs[None] - others[:, None]).abs_()                            # (P, R, E)
+        # in-place ops and explicit casts: autocast does not cover addmm_ / relu_
+        h = h.view(-1, self.w_diff.shape[1]).addmm_(diff.view(-1, e), self.w_diff).relu_()
+        return torch.sigmoid((h @ self.w_last + self.b_last).float()).view(-1, n_refs)
 
 
 class ContrastiveAdapter(Adapter):
@@ -140,9 +163,10 @@ class ContrastiveAdapter(Adapter):
         emb = self.net.embed(self._standardize(feats))                 # (n, E)
         k, m, c = self.references.shape
         ref = self.net.embed(self.references.reshape(k * m, c))        # (K*M, E)
+        pairs = self.net.references_for_pairs(ref)                     # once for every chunk
         scores = []
         for chunk in emb.split(max(16, PAIR_BUDGET // (k * m))):
-            same = self.net.same_probability(ref, chunk)               # (p, K*M)
+            same = pairs.same_probability(chunk)                       # (p, K*M)
             scores.append(same.view(len(chunk), k, m).mean(-1))
         scores = torch.cat(scores).T if scores else torch.zeros(k, 0)
         background = torch.full((1, scores.shape[1]), self.options["threshold"])
