@@ -58,9 +58,10 @@ class PipelineConfig:
     plateau_steps: int = 100
     # adapter training with bf16 matmuls on CPUs with AMX / AVX512-BF16 (fp32 elsewhere; weights
     # and optimizer stay float32): a contrastive step 5.4-7.8 ms instead of 15.5 (AMD EPYC, one
-    # thread). It trains a different adapter, no worse: one slice per organ
-    # (benchmarks/one_volume.py), CHAOS mean Dice 0.905 -> 0.905, demo CT 0.872 -> 0.905 (spleen
-    # 0.73 -> 0.86), every organ within 0.02 otherwise
+    # thread). It trains a different adapter: one slice per organ (benchmarks/one_volume.py), CHAOS
+    # mean Dice 0.905 -> 0.905, demo CT 0.872 -> 0.905 (spleen 0.73 -> 0.86), every organ within
+    # 0.02 otherwise; across patients (benchmarks/cross_patient.py) 0.764 -> 0.750 with one support
+    # patient, 0.876 -> 0.867 with four
     train_bf16: bool = True
     # propagation scores pixels on a grid of this many feature cells and interpolates between them
     score_stride_cells: float = 0.5
