@@ -26,6 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+# slicer-core's ITK runs Fill between slices on its pool threads, whose thread-local filters are
+# destroyed after ITK itself when the process exits: a segfault (rc 139) after every result was
+# written (gdb: OrImageFilter::~OrImageFilter in __call_tls_dtors). Threads that end with each
+# filter run (the "Platform" threader) destroy them while ITK is alive. Read when ITK first threads.
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_THREADER", "Platform")
+
 import numpy as np
 import SimpleITK as sitk
 import torch
