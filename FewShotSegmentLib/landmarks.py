@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 import SimpleITK as sitk
 from scipy import ndimage
 
@@ -106,3 +107,55 @@ def _representative_point(mask: np.ndarray, structure: np.ndarray, spacing) -> t
     scale = np.ones(mask.ndim) if spacing is None else np.asarray(spacing, float)
     nearest = coordinates[np.argmin((((coordinates - centroid) * scale) ** 2).sum(axis=1))]
     return tuple(float(c) for c in nearest + offset)
+
+
+# A label painted no larger than this (median cross-section on its painted slices) is a landmark:
+# a few strokes that mark a point. A disc of ~11 mm radius; organs are painted far larger.
+LANDMARK_AREA_MM2 = 400.0
+# How much a feature cell's cosine to the painted RoI's mean feature counts against its distance
+# from where the template had the RoI in the body: score = cosine - WEIGHT * d^2 / 2, d in units of
+# the template's spread widened by the variation between patients (location.PATIENT_VARIATION).
+# Measured on the five development patients (benchmarks/results/cross_patient.md, landmarks):
+# features alone 0.33 within 10 px, with the location term 0.45, flat for weights 0.02-0.09.
+LOCATION_WEIGHT = 0.05
+
+
+def match_point(features, descriptor: torch.Tensor, body_position, expected,
+                area_px: float) -> tuple[int, float, float]:
+    """The point of a volume most like a painted landmark: each slice's encoder feature cells
+    (``features``: a features.VolumeFeatures) scored by cosine to ``descriptor`` (the RoI's mean
+    feature) less the location term (LOCATION_WEIGHT) from ``expected`` ([mean u, mean v, spread
+    u, spread v] body-relative, or None) via ``body_position`` ((n, 3) (slice, row, col) -> (n, 2)
+    (u, v)); returns the median (slice, row, col) of the best cells that together cover
+    ``area_px`` (the painted RoI's size), so one noisy cell does not decide."""
+    grid = features.features                       # (N, C, h, w) float16
+    n, _, h, w = grid.shape
+    unit = descriptor.float() / descriptor.float().norm().clamp_min(1e-12)
+    sims = torch.empty(n, h, w)
+    for i in range(n):                               # a slice at a time: the grid stays float16
+        cells = grid[i].float()
+        sims[i] = torch.einsum("chw,c->hw", cells, unit) / cells.norm(dim=0).clamp_min(1e-12)
+    # a cell spans frame / (cells * scale) image pixels (the frame may pad the slice)
+    step = (features.frame[0] / (h * features.scale), features.frame[1] / (w * features.scale))
+    return _best_cells(sims, body_position, expected, area_px, step, features.slice_shape)
+
+
+def _best_cells(sims, body_position, expected, area_px, step, slice_shape):
+    from .location import PATIENT_VARIATION
+    n, h, w = sims.shape
+    height, width = slice_shape
+    rows = (np.arange(h) + 0.5) * step[0] - 0.5      # cell centres in image pixels
+    cols = (np.arange(w) + 0.5) * step[1] - 0.5
+    zz, rr, cc = np.meshgrid(np.arange(n), rows, cols, indexing="ij")
+    score = sims.numpy().astype(np.float64)
+    if expected is not None:
+        uv = body_position(np.stack([zz.ravel(), rr.ravel(), cc.ravel()], 1).astype(np.float64))
+        spread = np.hypot(np.asarray(expected[2:4], float), PATIENT_VARIATION)
+        d2 = ((uv[:, 0] - expected[0]) / spread[0]) ** 2 + ((uv[:, 1] - expected[1]) / spread[1]) ** 2
+        score = score - LOCATION_WEIGHT * 0.5 * d2.reshape(score.shape)
+    inside = (rr <= height - 1) & (cc <= width - 1)          # cells of the padding are not the slice
+    score = np.where(inside, score, -np.inf)
+    count = int(max(1, min(inside.sum(), round(area_px / (step[0] * step[1])))))
+    best = np.argpartition(score.ravel(), -count)[-count:]
+    return (int(np.median(zz.ravel()[best])), float(np.median(rr.ravel()[best])),
+            float(np.median(cc.ravel()[best])))

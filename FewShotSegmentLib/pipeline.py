@@ -27,7 +27,7 @@ from .config import ANATOMICAL_AXES, PipelineConfig
 from .errors import CheckpointError, InputError
 from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, volume_from_slices
 from .guidance import label_reach, suggest_slices
-from .landmarks import landmarks_from_label_map
+from .landmarks import LANDMARK_AREA_MM2, landmarks_from_label_map, match_point
 from .location import BodyFrame, LocatedFeatures, slice_to_volume
 from .postprocess import (choose_components, clean_label_map, cut_regrowth, default_keep, is_known_organ,
                           strong_components)
@@ -74,6 +74,9 @@ class TrainedModel:
     # label value -> median cross-section (mm^2) on the painted slices: a component far smaller
     # than that on another volume is not the organ
     areas_mm2: dict[int, float] = field(default_factory=dict)
+    # label value -> mean unit encoder feature of its painted pixels, for labels painted as
+    # landmarks (no larger than landmarks.LANDMARK_AREA_MM2): found on other volumes by matching
+    descriptors: dict[int, list[float]] = field(default_factory=dict)
     train_seconds: float = 0.0
 
     def save(self, path, overwrite: bool = False) -> Path:
@@ -90,6 +93,7 @@ class TrainedModel:
             "locations": {str(v): [float(x) for x in loc] for v, loc in self.locations.items()},
             "modality": self.modality,
             "areas_mm2": {str(v): float(a) for v, a in self.areas_mm2.items()},
+            "descriptors": {str(v): [float(x) for x in d] for v, d in self.descriptors.items()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -117,7 +121,9 @@ class TrainedModel:
                        locations={int(v): [float(x) for x in loc]
                                   for v, loc in (payload.get("locations") or {}).items()},
                        modality=str(payload.get("modality", "")),
-                       areas_mm2={int(v): float(a) for v, a in (payload.get("areas_mm2") or {}).items()})
+                       areas_mm2={int(v): float(a) for v, a in (payload.get("areas_mm2") or {}).items()},
+                       descriptors={int(v): [float(x) for x in d]
+                                    for v, d in (payload.get("descriptors") or {}).items()})
         except (KeyError, TypeError, RuntimeError, InputError) as exc:
             raise CheckpointError(f"adapter file {path} is incomplete or from another version: {exc}") from None
 
@@ -382,7 +388,24 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
         uv = np.concatenate(positions[k])
         locations[value] = [*uv.mean(0).tolist(), *uv.std(0).tolist()]
     areas_mm2 = {value: float(np.median(areas[k])) for k, value in enumerate(values, start=1)}
-    return TrainedModel(adapter, config, values, meta, backbone_id, locations, examples[0][0].modality, areas_mm2)
+    descriptors = {}
+    for k, value in enumerate(values, start=1):
+        if areas_mm2[value] <= LANDMARK_AREA_MM2:
+            per_volume = [_label_descriptor(prepared, _to_index(prepared.to_slices(template), vals), k)
+                          for (prepared, template, _), (vals, _) in zip(examples, matched)]
+            descriptors[value] = torch.stack(per_volume).mean(0).tolist()
+    return TrainedModel(adapter, config, values, meta, backbone_id, locations, examples[0][0].modality, areas_mm2,
+                        descriptors)
+
+
+def _label_descriptor(prepared: PreparedVolume, index_map: np.ndarray, k: int) -> torch.Tensor:
+    """(C,) mean unit encoder feature over the painted pixels of label k (a landmark's RoI)."""
+    units = []
+    for i in np.flatnonzero((index_map == k).any(axis=(1, 2))):
+        rows, cols = np.nonzero(index_map[i] == k)
+        feats = prepared.features.sample(int(i), rows, cols)
+        units.append(feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return torch.cat(units).mean(0)
 
 
 def _label_positions(prepared: PreparedVolume, index_map: np.ndarray, painted: list[int], k: int, rng,
@@ -513,6 +536,8 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
                    suggest_slices(uncertainty, scored.runner_up, index, painted_per_label,
                                   suggestion_count)]
     landmarks = landmarks_from_label_map(label_image, model.labels) if config.landmarks else []
+    if config.landmarks and template is None and model.descriptors:
+        landmarks = _matched_landmarks(landmarks, model, prepared, label_image)
     counts = {model.labels[v]["name"]: int((values[index] == v).sum()) for v in model.label_values}
     missing = [name for name, n in counts.items() if n == 0]
     summary = {"voxels": counts, "not_found": missing, "timings": timings, "axis": prepared.axis,
@@ -525,6 +550,26 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
         stages["final"] = label_image
     return Prediction(label_image, landmarks, summary, stages, prepared.from_slices(uncertainty, np.uint8),
                       suggestions)
+
+
+def _matched_landmarks(landmarks: list[dict], model: TrainedModel, prepared: PreparedVolume,
+                       label_image: sitk.Image) -> list[dict]:
+    """On another volume, a label painted as a landmark is placed where the volume looks most like
+    its painted RoI near where the template had it (landmarks.match_point), not at the centroid
+    of what the adapter labelled: a few painted pixels teach an adapter little that transfers."""
+    by_value = {p["label_value"]: p for p in landmarks}
+    for value, descriptor in model.descriptors.items():
+        def body_position(srcs):
+            return prepared.body_position(slice_to_volume(srcs[:, 0], srcs[:, 1], srcs[:, 2], prepared.axis))
+        area_px = model.areas_mm2.get(value, 0.0) / prepared.pixel_area_mm2
+        i, row, col = match_point(prepared.features, torch.tensor(descriptor), body_position,
+                                  model.locations.get(value), area_px)
+        z, y, x = slice_to_volume(i, np.array([row]), np.array([col]), prepared.axis)[0]
+        position = prepared.canonical_grid.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z)))
+        by_value[value] = {"label_value": value, "label": str(model.labels[value].get("name", f"label {value}")),
+                           "index": label_image.TransformPhysicalPointToContinuousIndex(position),
+                           "position": tuple(position), "method": "matched"}
+    return [by_value[v] for v in sorted(by_value)]
 
 
 def _describe_slice(pick: dict, prepared: PreparedVolume, model: TrainedModel) -> dict:

@@ -15,11 +15,11 @@ Parts (the five development patients of ../shared/data/chaos_mri):
 - four: leave one out: one adapter from the templates of the four other patients
   (`pipeline.train_many`), applied to the fifth.
 - landmarks: on each support patient a disc of 5 px radius at each organ's centroid on its middle
-  slice (templates.disc_template); on each other patient the localized region's point defined
-  the same way (its centroid on its middle slice, `mid_`) is compared with that patient's
-  reference point: in-plane distance in pixels and 3D distance in mm; "within 10 px" is the
-  paper's criterion (Table I). The pipeline's own Markups landmark (the region's 3D centroid)
-  is reported beside it.
+  slice (templates.disc_template); on each other patient the pipeline's Markups landmark (a
+  label painted this small is a landmark: placed by landmarks.match_point) is compared with that
+  patient's reference point: in-plane distance in pixels and 3D distance in mm; "within 10 px"
+  is the paper's criterion (Table I). The labelled region's centroid on its middle slice
+  (`mid_`, the adapter's region) is reported beside it.
 
 Each variant is a set of PipelineConfig overrides (`--variant key=value,key=value`; the first
 variant is the reported one). Finished runs are appended to <out>.runs.jsonl keyed by part, patients,
@@ -43,7 +43,6 @@ from accuracy import CHAOS_LABELS, CHAOS_PATIENTS, ROOT, chaos_volume, git_commi
 
 from FewShotSegmentLib import pipeline, templates  # noqa: E402
 from FewShotSegmentLib.config import PipelineConfig  # noqa: E402
-from FewShotSegmentLib.landmarks import landmarks_from_label_map  # noqa: E402
 from FewShotSegmentLib.metrics import dice, format_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -175,8 +174,7 @@ class Runner:
     @staticmethod
     def landmark_errors(prediction, volume) -> dict:
         spacing = np.array(volume.spacing_zyx)
-        found = {p["label_value"]: p["index"][::-1] for p in
-                 landmarks_from_label_map(prediction.labels, LABELS)}       # (z, y, x)
+        found = {p["label_value"]: p["index"][::-1] for p in prediction.landmarks}       # (z, y, x)
         out = {}
         for v in ORGANS:
             ref = np.array(reference_point(volume.reference, v, volume.axis))
@@ -185,11 +183,13 @@ class Runner:
                 continue
             in_plane = [a for a in range(3) if a != volume.axis]
             entry = {}
-            # "px"/"mm": the pipeline's landmark (the 3D centroid of the localized region);
+            # "px"/"mm": the pipeline's Markups landmark (matched, for a label painted this small);
             # "mid_px"/"mid_mm": the region's point defined as the reference's (its centroid on its
             # middle slice), so both sides of the comparison are the same kind of point
             labels = sitk.GetArrayFromImage(prediction.labels)
-            points = {"": np.array(found[v]), "mid_": np.array(reference_point(labels, v, volume.axis))}
+            points = {"": np.array(found[v])}
+            if (labels == v).any():
+                points["mid_"] = np.array(reference_point(labels, v, volume.axis))
             for prefix, point in points.items():
                 entry[prefix + "px"] = round(float(np.linalg.norm((point - ref)[in_plane])), 2)
                 entry[prefix + "mm"] = round(float(np.linalg.norm((point - ref) * spacing)), 2)
@@ -217,7 +217,7 @@ def dice_summary(records) -> dict:
 def landmark_summary(records) -> dict:
     organs = [SHORT[v] for v in ORGANS]
     out = {}
-    for prefix, name in (("", "centroid"), ("mid_", "middle_slice")):
+    for prefix, name in (("", "landmark"), ("mid_", "region_middle_slice")):
         per = {}
         for o in organs:
             px = [r["landmarks"][o].get(prefix + "px") for r in records]
@@ -226,7 +226,7 @@ def landmark_summary(records) -> dict:
                       "median_mm": round(float(np.median([m if m is not None else np.inf for m in mm])), 2)}
         out[name] = {"within_10px": round(float(np.mean([per[o]["within_10px"] for o in organs])), 4),
                      "per_organ": per}
-    return {**out["middle_slice"], "centroid": out["centroid"]}
+    return {**out["landmark"], "region_middle_slice": out["region_middle_slice"]}
 
 
 def pair_table(records) -> str:
@@ -251,7 +251,7 @@ def landmark_table(records) -> str:
         row = {"support": f"P{r['supports'][0]}", "query": f"P{r['query']}"}
         for o in (SHORT[v] for v in ORGANS):
             e = r["landmarks"][o]
-            for key in ("mid_px", "mid_mm", "px"):
+            for key in ("px", "mm", "mid_px"):
                 row[f"{o} {key}"] = "miss" if e.get(key) is None else e[key]
         rows.append(row)
     return format_table(rows, list(rows[0]))
