@@ -32,7 +32,8 @@ Outputs (keys of "outputs", each a path inside output_dir, present when produced
     segmentation:  .seg.nrrd, one segment per label with its name and colour
     landmarks:     Slicer markups .mrk.json, one control point per found label
     model:         the trained adapter (.pt)                                     [run, train]
-    summary:       summary.json: per-label voxel counts, landmark positions, timings, refinement
+    summary:       summary.json: per-label voxel counts, landmark positions (and "method": "region",
+                   or "matched" for a label painted as a landmark, on another volume), timings, refinement
                    decisions, labels not found, suggested slices
     uncertainty:   uncertainty.nrrd, 0..255 per voxel on the image grid (0 on painted slices)
     suggestions:   suggested_slices.json: {"axis", "slices": [{"index", "position_lps", "score",

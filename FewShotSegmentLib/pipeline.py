@@ -544,7 +544,8 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
                "scored_slices": int(scored.scored.sum()),
                "components": evidence,
                "painted_slices": painted, "refinement": refinement, "suggested_slices": suggestions,
-               "landmarks": [{"label": p["label"], "position_lps": list(p["position"])} for p in landmarks]}
+               "landmarks": [{"label": p["label"], "position_lps": list(p["position"]),
+                              "method": p.get("method", "region")} for p in landmarks]}
     progress(1.0, "done", "segmentation finished" + (f"; not found: {missing}" if missing else ""))
     if keep_stages:
         stages["final"] = label_image
@@ -557,10 +558,11 @@ def _matched_landmarks(landmarks: list[dict], model: TrainedModel, prepared: Pre
     """On another volume, a label painted as a landmark is placed where the volume looks most like
     its painted RoI near where the template had it (landmarks.match_point), not at the centroid
     of what the adapter labelled: a few painted pixels teach an adapter little that transfers."""
+    def body_position(srcs):            # (slice, row, col) along the axis -> body-relative (u, v)
+        return prepared.body_position(slice_to_volume(srcs[:, 0], srcs[:, 1], srcs[:, 2], prepared.axis))
+
     by_value = {p["label_value"]: p for p in landmarks}
     for value, descriptor in model.descriptors.items():
-        def body_position(srcs):
-            return prepared.body_position(slice_to_volume(srcs[:, 0], srcs[:, 1], srcs[:, 2], prepared.axis))
         area_px = model.areas_mm2.get(value, 0.0) / prepared.pixel_area_mm2
         i, row, col = match_point(prepared.features, torch.tensor(descriptor), body_position,
                                   model.locations.get(value), area_px)

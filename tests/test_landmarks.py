@@ -156,6 +156,7 @@ def test_discs_painted_on_one_patient_are_found_on_another(shared_data, feature_
     truth = sitk.GetArrayFromImage(io.read_labelmap(data / "label_2.nii.gz", query))
     prediction = pipeline.predict(model, query, overrides={"cache_dir": feature_cache})
     found = {p["label_value"]: p for p in prediction.landmarks}
+    assert {p["method"] for p in prediction.summary["landmarks"]} == {"matched"}
     ceilings = {1: 14.2, 2: 15.1, 3: 15.6, 4: 26.8}
     for value, ceiling in ceilings.items():
         assert found[value]["method"] == "matched"
