@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
+from .location import PATIENT_VARIATION
 from .postprocess import components_in_box, values_present
 
 CONNECTIVITY_3D = np.ones((3, 3, 3), bool)
@@ -130,7 +131,8 @@ def match_point(features, descriptor: torch.Tensor, body_position, expected,
     ``area_px`` (the painted RoI's size), so one noisy cell does not decide."""
     grid = features.features                       # (N, C, h, w) float16
     n, _, h, w = grid.shape
-    unit = descriptor.float() / descriptor.float().norm().clamp_min(1e-12)
+    descriptor = descriptor.float()
+    unit = descriptor / descriptor.norm().clamp_min(1e-12)
     sims = torch.empty(n, h, w)
     for i in range(n):                               # a slice at a time: the grid stays float16
         cells = grid[i].float()
@@ -141,7 +143,6 @@ def match_point(features, descriptor: torch.Tensor, body_position, expected,
 
 
 def _best_cells(sims, body_position, expected, area_px, step, slice_shape):
-    from .location import PATIENT_VARIATION
     n, h, w = sims.shape
     height, width = slice_shape
     rows = (np.arange(h) + 0.5) * step[0] - 0.5      # cell centres in image pixels

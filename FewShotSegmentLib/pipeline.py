@@ -356,9 +356,10 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
     matched = match_labels(examples)
     config = PipelineConfig.from_dict({**config.to_dict(), "axis": examples[0][0].axis})
     rng = np.random.default_rng(config.seed)
-    per_volume, positions, areas = [], {}, {}
+    per_volume, positions, areas, index_maps = [], {}, {}, []
     for (prepared, template, _), (values, _) in zip(examples, matched):
         index_map = _to_index(prepared.to_slices(template), values)
+        index_maps.append(index_map)
         template_slices = [i for i in range(len(index_map)) if index_map[i].any()]
         present = set(np.unique(index_map[template_slices]).tolist()) - {0}
         if len(present) < len(values):
@@ -391,8 +392,8 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
     descriptors = {}
     for k, value in enumerate(values, start=1):
         if areas_mm2[value] <= LANDMARK_AREA_MM2:
-            per_volume = [_label_descriptor(prepared, _to_index(prepared.to_slices(template), vals), k)
-                          for (prepared, template, _), (vals, _) in zip(examples, matched)]
+            per_volume = [_label_descriptor(prepared, index_map, k)
+                          for (prepared, _, _), index_map in zip(examples, index_maps)]
             descriptors[value] = torch.stack(per_volume).mean(0).tolist()
     return TrainedModel(adapter, config, values, meta, backbone_id, locations, examples[0][0].modality, areas_mm2,
                         descriptors)

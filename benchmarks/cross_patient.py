@@ -175,18 +175,18 @@ class Runner:
     def landmark_errors(prediction, volume) -> dict:
         spacing = np.array(volume.spacing_zyx)
         found = {p["label_value"]: p["index"][::-1] for p in prediction.landmarks}       # (z, y, x)
+        labels = sitk.GetArrayFromImage(prediction.labels)
+        in_plane = [a for a in range(3) if a != volume.axis]
         out = {}
         for v in ORGANS:
             ref = np.array(reference_point(volume.reference, v, volume.axis))
             if v not in found:
                 out[SHORT[v]] = {"px": None, "mm": None, "mid_px": None, "mid_mm": None}
                 continue
-            in_plane = [a for a in range(3) if a != volume.axis]
             entry = {}
             # "px"/"mm": the pipeline's Markups landmark (matched, for a label painted this small);
             # "mid_px"/"mid_mm": the region's point defined as the reference's (its centroid on its
             # middle slice), so both sides of the comparison are the same kind of point
-            labels = sitk.GetArrayFromImage(prediction.labels)
             points = {"": np.array(found[v])}
             if (labels == v).any():
                 points["mid_"] = np.array(reference_point(labels, v, volume.axis))
