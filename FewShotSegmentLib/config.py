@@ -96,6 +96,9 @@ class PipelineConfig:
     location_prior: float = 1.0
     samples_per_label: int = 2000     # training pixels per label per template slice
     batch_size: int = 4               # slices per encoder batch
+    # a painted volume's slices are encoded when propagation first reads them (features.py):
+    # the slices no painted label reaches are never encoded; another volume is encoded whole
+    encode_on_demand: bool = True
     cache_dir: str = ""               # feature cache; "" disables
 
     def validate(self) -> "PipelineConfig":

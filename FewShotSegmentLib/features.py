@@ -2,12 +2,19 @@
 
 Only the backbone's low-resolution grids are kept (float16); pixel features are bilinearly
 interpolated on demand for the pixels asked for, or for one slice at a time.
+
+A volume may also be encoded on demand (``encode_volume(on_demand=True)``): a slice is encoded,
+a batch-sized block of slices at a time, when something first reads its features. The painted
+volume's propagation reaches only the slices its labels can connect to (propagation.py), so on a
+512x512x300 CT with four organs painted on one slice 169 slices are scored and the other 131 are
+never encoded.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,9 +43,10 @@ def volume_from_slices(stack: np.ndarray, axis: str) -> np.ndarray:
 
 class EmbeddingsOnDemand:
     """``embeddings[i]`` of one slice, made from its features when asked (the last one kept):
-    what refinement reads instead of a stored (N, 256, 64, 64) array."""
+    what refinement reads instead of a stored (N, 256, 64, 64) array. ``make`` None: the
+    features are the embeddings."""
 
-    def __init__(self, features: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, features: "VolumeFeatures", make: Callable[[torch.Tensor], torch.Tensor] | None):
         self.features, self.make = features, make
         self._last: tuple[int, torch.Tensor] | None = None
 
@@ -47,23 +55,93 @@ class EmbeddingsOnDemand:
 
     def __getitem__(self, index: int) -> torch.Tensor:
         index = int(index)
+        grid = self.features.slice_grid(index)
+        if self.make is None:
+            return grid[0]
         if self._last is None or self._last[0] != index:
-            self._last = (index, self.make(self.features[index:index + 1])[0])
+            self._last = (index, self.make(grid)[0])
         return self._last[1]
+
+
+class SliceEncoder:
+    """Encodes the slices of a volume that have no features yet, one batch-sized block of slices
+    at a time (the block [b * batch, (b + 1) * batch), whole: a compiled encoder sees one batch
+    shape, and a block is never left half encoded), and notes them in the cache entry."""
+
+    def __init__(self, slices: np.ndarray, backbone: Backbone, batch_size: int, store: "_FeatureStore",
+                 missing: np.ndarray):
+        self.slices, self.backbone, self.batch_size, self.store = slices, backbone, max(1, batch_size), store
+        self.missing = missing          # (N,) bool: slices not encoded yet
+        self.seconds = 0.0              # spent encoding on demand
+
+    def fill(self, features: torch.Tensor, indices) -> None:
+        wanted = np.unique(np.asarray(indices, dtype=np.int64).ravel())
+        wanted = wanted[self.missing[wanted]]
+        if not len(wanted):
+            return
+        start = time.perf_counter()
+        # the encoder's own settings, whatever the caller runs under (a scoring loop's autocast
+        # would make the compiled graph recompile)
+        with runtime.encoder_memory(), torch.autocast("cpu", enabled=False):
+            for block in np.unique(wanted // self.batch_size):
+                lo = int(block) * self.batch_size
+                hi = min(len(self.missing), lo + self.batch_size)
+                encoded = self.backbone.encode(_padded(self.slices[lo:hi], self.batch_size))
+                todo = torch.from_numpy(np.flatnonzero(self.missing[lo:hi]))
+                features[lo + todo] = encoded.features[todo]
+                self.missing[lo + todo] = False
+        self.store.note_missing(self.missing)
+        self.seconds += time.perf_counter() - start
+
+
+def _padded(batch: np.ndarray, size: int) -> np.ndarray:
+    """A short batch padded to ``size`` with its last slice: a compiled encoder sees one shape."""
+    if len(batch) >= size:
+        return batch
+    return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
 
 
 class VolumeFeatures:
     """Feature grids of all N slices along one axis of a normalized volume."""
 
-    def __init__(self, encoded: Encoded, slice_shape: tuple[int, int]):
-        self.features = encoded.features          # (N, C, h, w) float16
+    def __init__(self, encoded: Encoded, slice_shape: tuple[int, int], encoder: SliceEncoder | None = None):
+        self.features = encoded.features          # (N, C, h, w) float16; read through slice_grid / grid
+        self.encoder = encoder                    # fills the slices not encoded yet; None: all are
         self.sam_embeddings = encoded.sam_embeddings
-        if self.sam_embeddings is None and encoded.sam_from_features is not None:
-            self.sam_embeddings = EmbeddingsOnDemand(self.features, encoded.sam_from_features)
+        if encoded.sam_embeddings is encoded.features:
+            self.sam_embeddings = EmbeddingsOnDemand(self, None)
+        elif self.sam_embeddings is None and encoded.sam_from_features is not None:
+            self.sam_embeddings = EmbeddingsOnDemand(self, encoded.sam_from_features)
         self.scale = encoded.scale
         self.frame = encoded.frame
         self.slice_shape = slice_shape
         self._last_float: tuple[int, torch.Tensor] | None = None
+
+    def ensure(self, indices) -> None:
+        """Encode these slices now if they are not yet (on-demand volumes; a no-op otherwise)."""
+        if self.encoder is not None:
+            self.encoder.fill(self.features, indices)
+
+    @property
+    def encoded(self) -> np.ndarray:
+        """(N,) bool: the slices whose features exist."""
+        return np.ones(len(self), bool) if self.encoder is None else ~self.encoder.missing
+
+    @property
+    def encoder_seconds(self) -> float:
+        """Seconds spent encoding on demand so far."""
+        return 0.0 if self.encoder is None else self.encoder.seconds
+
+    def slice_grid(self, index: int) -> torch.Tensor:
+        """(1, C, h, w) float16 grid of one slice (encoded now if it is not yet)."""
+        self.ensure([index])
+        return self.features[index:index + 1]
+
+    @property
+    def grid(self) -> torch.Tensor:
+        """(N, C, h, w) float16 grids of every slice (all encoded first)."""
+        self.ensure(np.arange(len(self)))
+        return self.features
 
     def __len__(self):
         return self.features.shape[0]
@@ -77,7 +155,8 @@ class VolumeFeatures:
         recomputing it per slice made CT propagation 8x slower)."""
         if getattr(self, "_mean", None) is None:
             # slice by slice: a float32 copy of a 300-slice grid at once would be 1.6 GB
-            total = sum(self.features[i].float().sum(dim=(1, 2)) for i in range(len(self)))
+            grid = self.grid
+            total = sum(grid[i].float().sum(dim=(1, 2)) for i in range(len(self)))
             self._mean = total / (len(self) * self.features.shape[2] * self.features.shape[3])
         return self._mean
 
@@ -91,7 +170,7 @@ class VolumeFeatures:
         """(1, C, h, w) float32 grid of one slice; the last one is kept, as scoring samples a
         slice in several chunks."""
         if self._last_float is None or self._last_float[0] != index:
-            self._last_float = (index, self.features[index:index + 1].float())
+            self._last_float = (index, self.slice_grid(index).float())
         return self._last_float[1]
 
     def sample(self, index: int, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
@@ -119,12 +198,14 @@ def _cache_key(slices: np.ndarray, backbone: Backbone) -> str:
 class _FeatureStore:
     """Where the encoded grids of a volume go: with a cache folder, raw float16 files mapped into
     memory (so a 1000-slice volume needs page cache, not resident memory, and a cache hit reads
-    nothing up front); without one, plain tensors. Filled batch by batch; ``meta.json`` is written
-    last, so an interrupted encoding never looks complete."""
+    nothing up front); without one, plain tensors. ``meta.json`` is written once the grids it
+    describes are in the file: when every slice is encoded, or (on demand) after each batch of
+    slices, with the slices still missing; an interrupted encoding never looks complete."""
 
     def __init__(self, folder: Path | None):
         self.folder = folder
         self.arrays: dict[str, torch.Tensor] = {}
+        self.scale, self.frame = 1.0, (0, 0)
 
     def allocate(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         count = int(np.prod(shape))
@@ -140,49 +221,72 @@ class _FeatureStore:
         self.arrays[name] = tensor
         return tensor
 
-    def finish(self, scale: float, frame: tuple[int, int]) -> None:
+    def finish(self, scale: float, frame: tuple[int, int], missing: np.ndarray | None = None) -> None:
+        self.scale, self.frame = scale, tuple(frame)
+        self.note_missing(missing)
+
+    def note_missing(self, missing: np.ndarray | None) -> None:
         if self.folder is None:
             return
-        meta = {"scale": scale, "frame": list(frame), "arrays": {k: list(v.shape) for k, v in self.arrays.items()}}
+        meta = {"scale": self.scale, "frame": list(self.frame),
+                "arrays": {k: list(v.shape) for k, v in self.arrays.items()}}
+        if missing is not None and missing.any():
+            meta["missing"] = np.flatnonzero(missing).tolist()
         tmp = self.folder / "meta.json.tmp"
         tmp.write_text(json.dumps(meta))
         tmp.replace(self.folder / "meta.json")
 
-    @staticmethod
-    def load(folder: Path) -> Encoded:
+    @classmethod
+    def load(cls, folder: Path) -> tuple[Encoded, np.ndarray, "_FeatureStore"]:
+        """The entry's grids, the slices it still lacks ((N,) bool) and a store to note more in."""
         meta = json.loads((folder / "meta.json").read_text())
-        arrays = {}
-        for name, shape in meta["arrays"].items():
+        store = cls(folder)
+        store.scale, store.frame = float(meta["scale"]), tuple(int(v) for v in meta["frame"])
+        shapes = meta["arrays"]
+        missing = np.zeros(shapes["features"][0], bool)
+        missing[np.asarray(meta.get("missing", []), dtype=np.int64)] = True
+        for name, shape in shapes.items():
             path = folder / f"{name}.f16"
             count = int(np.prod(shape))
             if path.stat().st_size != count * 2:
                 raise ValueError(f"{path} has the wrong size")
-            # MAP_PRIVATE: read-only use, and a stray write could never reach the cache file
-            arrays[name] = torch.from_file(str(path), shared=False, size=count, dtype=torch.float16).view(shape)
-        return Encoded(features=arrays["features"], scale=float(meta["scale"]),
-                       frame=tuple(int(v) for v in meta["frame"]), sam_embeddings=arrays.get("sam"))  # older entries have one
+            # complete: MAP_PRIVATE, read-only use, and a stray write could never reach the cache
+            # file; partial: shared, so what is encoded now is kept for the next job
+            store.arrays[name] = torch.from_file(str(path), shared=bool(missing.any()), size=count,
+                                                 dtype=torch.float16).view(shape)
+        encoded = Encoded(features=store.arrays["features"], scale=store.scale, frame=store.frame,
+                          sam_embeddings=store.arrays.get("sam"))  # older entries have one
+        return encoded, missing, store
 
 
 def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, cache_dir: str | Path = "",
                   progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
-                  progress_range: tuple[float, float] = (0.0, 1.0)) -> VolumeFeatures:
+                  progress_range: tuple[float, float] = (0.0, 1.0), on_demand: bool = False) -> VolumeFeatures:
     """Encode every slice of ``slices`` (N, H, W) in [0, 1]. With ``cache_dir`` the result is stored
     under a hash of the pixel data and the backbone's cache tag (model and precision), so the same
-    volume is encoded once, and is memory-mapped from there."""
+    volume is encoded once, and is memory-mapped from there.
+
+    ``on_demand``: encode only the middle block of slices now (the grids' shape comes from it);
+    every other slice is encoded when first read (VolumeFeatures.ensure), and progress and
+    cancel are then the reader's."""
     n, h, w = slices.shape
     folder = None
     if cache_dir:
         folder = Path(cache_dir) / _cache_key(slices, backbone)
         if (folder / "meta.json").is_file():
             try:
-                encoded = _FeatureStore.load(folder)
+                encoded, missing, store = _FeatureStore.load(folder)
                 if backbone.provides_sam_embeddings and encoded.sam_embeddings is None:
                     encoded.sam_from_features = backbone.sam_from_features
                 if len(encoded.features) == n:
+                    encoder = SliceEncoder(slices, backbone, batch_size, store, missing) if missing.any() else None
+                    if encoder is not None and not on_demand:
+                        encoder.fill(encoded.features, np.flatnonzero(missing))
+                        encoder = None
                     if progress:
                         progress(progress_range[1], "encode", f"features of {n} slices from cache")
-                    return VolumeFeatures(encoded, (h, w))
-            except (OSError, ValueError, KeyError, RuntimeError):
+                    return VolumeFeatures(encoded, (h, w), encoder)
+            except (OSError, ValueError, KeyError, IndexError, RuntimeError):
                 pass
             shutil.rmtree(folder, ignore_errors=True)  # a corrupt cache entry is recomputed, never trusted
         folder.mkdir(parents=True, exist_ok=True)
@@ -190,29 +294,34 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
     store = _FeatureStore(folder)
     features = encoded = None
     lo, hi = progress_range
+    # on demand: the block holding the middle slice (organs lie there more often than at the ends)
+    starts = range(0, n, batch_size) if not on_demand else [(n // 2) // batch_size * batch_size]
     try:
         with runtime.encoder_memory():     # see runtime.py
-            for start in range(0, n, batch_size):
+            for done, start in enumerate(starts, start=1):
                 if cancel and cancel():
                     raise Cancelled("cancelled while encoding")
                 batch = slices[start:start + batch_size]
                 count = len(batch)
-                if count < batch_size and start > 0:
-                    # the last batch is padded to the others' size: a compiled encoder sees one shape
-                    batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - count, axis=0)])
-                encoded = backbone.encode(batch)
+                encoded = backbone.encode(_padded(batch, batch_size) if start > 0 or on_demand else batch)
                 if features is None:
                     features = store.allocate("features", (n,) + tuple(encoded.features.shape[1:]))
                 features[start:start + count] = encoded.features[:count]
                 if progress:
-                    done = min(n, start + batch_size)
-                    progress(lo + (hi - lo) * done / n, "encode", f"encoded slice {done}/{n}")
+                    message = (f"encoded slice {min(n, start + batch_size)}/{n}" if not on_demand else
+                               "the other slices are encoded as propagation reaches them")
+                    progress(lo + (hi - lo) * done / len(starts), "encode", message)
+        missing = None
+        if on_demand:
+            missing = np.ones(n, bool)
+            missing[starts[0]:starts[0] + batch_size] = False
+        store.finish(encoded.scale, encoded.frame, missing)
     except BaseException:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    store.finish(encoded.scale, encoded.frame)
+    encoder = SliceEncoder(slices, backbone, batch_size, store, missing) if on_demand and missing.any() else None
     # SAM embeddings: the features themselves (LiteMedSAM's neck layer), or made from them
     return VolumeFeatures(Encoded(features=features, scale=encoded.scale, frame=encoded.frame,
                                   sam_embeddings=features if encoded.sam_embeddings is encoded.features else None,
-                                  sam_from_features=encoded.sam_from_features), (h, w))
+                                  sam_from_features=encoded.sam_from_features), (h, w), encoder)

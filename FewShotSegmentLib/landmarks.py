@@ -129,7 +129,7 @@ def match_point(features, descriptor: torch.Tensor, body_position, expected,
     u, spread v] body-relative, or None) via ``body_position`` ((n, 3) (slice, row, col) -> (n, 2)
     (u, v)); returns the median (slice, row, col) of the best cells that together cover
     ``area_px`` (the painted RoI's size), so one noisy cell does not decide."""
-    grid = features.features                       # (N, C, h, w) float16
+    grid = features.grid                           # (N, C, h, w) float16, every slice encoded
     n, _, h, w = grid.shape
     descriptor = descriptor.float()
     unit = descriptor / descriptor.norm().clamp_min(1e-12)

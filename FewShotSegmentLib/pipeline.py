@@ -34,6 +34,7 @@ from .postprocess import (choose_components, clean_label_map, cut_regrowth, defa
 from .preprocessing import guess_modality, normalize_volume
 from .propagation import score_volume
 from .refine import refinement_agreement, refine_label_slices
+from .runtime import encoder_memory
 
 MODEL_FORMAT = "fewshotsegment-adapter"
 CANONICAL = "LPS"
@@ -78,6 +79,7 @@ class TrainedModel:
     # landmarks (no larger than landmarks.LANDMARK_AREA_MM2): found on other volumes by matching
     descriptors: dict[int, list[float]] = field(default_factory=dict)
     train_seconds: float = 0.0
+    encode_seconds: float = 0.0      # painted slices encoded on demand while training
 
     def save(self, path, overwrite: bool = False) -> Path:
         path = Path(path)
@@ -266,9 +268,11 @@ def build_backbone_for(config: PipelineConfig) -> Backbone:
 
 
 def prepare_volume(image: sitk.Image, config: PipelineConfig, backbone: Backbone, progress: Progress = _noop,
-                   cancel: Callable[[], bool] | None = None, progress_range=(0.0, 0.55)) -> PreparedVolume:
+                   cancel: Callable[[], bool] | None = None, progress_range=(0.0, 0.55),
+                   on_demand: bool = False) -> PreparedVolume:
     """``config.axis`` 'auto' without a template means the stack axis: resolve it first (see
-    ``resolved``) when a template decides."""
+    ``resolved``) when a template decides. ``on_demand``: slices are encoded when first read
+    (features.encode_volume)."""
     check_image(image)
     start = time.perf_counter()
     axis = resolve_axis(config.axis, image)
@@ -279,7 +283,7 @@ def prepare_volume(image: sitk.Image, config: PipelineConfig, backbone: Backbone
     del raw, canonical                               # the view dies before its image
     slices = slices_along(volume, axis)
     features = encode_volume(slices, backbone, batch_size=config.batch_size, cache_dir=config.cache_dir,
-                             progress=progress, cancel=cancel, progress_range=progress_range)
+                             progress=progress, cancel=cancel, progress_range=progress_range, on_demand=on_demand)
     return PreparedVolume(image, slices, features, axis, time.perf_counter() - start, modality)
 
 
@@ -364,6 +368,7 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
         present = set(np.unique(index_map[template_slices]).tolist()) - {0}
         if len(present) < len(values):
             raise InputError("a label has no template pixels along the chosen axis")
+        prepared.features.ensure(template_slices)
         per_volume.append(sample_training_pixels(prepared.adapter_features(config.location), index_map,
                                                  template_slices, config.samples_per_label,
                                                  config.negative_margin_px, rng, config.negative_margin_fraction))
@@ -468,7 +473,8 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
         raise InputError(f"the adapter propagates along {config.axis} slices, the volume was prepared "
                          f"along {prepared.axis}")
     timings = {"encode_s": prepared.seconds}
-    start = time.perf_counter()
+    stage = _StageClock(timings, prepared.features)
+    stage.start("propagate_s")
     seeds = None if template is None else _to_index(prepared.to_slices(template), model.label_values)
     painted = painted_slices(seeds)
     # the location prior only where nothing is painted: on the painted volume the painting anchors
@@ -481,9 +487,10 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     # anywhere, and a label of two parts painted as one takes the largest other component)
     reach = painted and config.reachable_only and all(
         keep[k] == 1 and is_known_organ(model.labels[v]["name"]) for k, v in enumerate(model.label_values, start=1))
-    scored = score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel,
-                          use_prior=template is None, reach_from=seeds if reach else None)
-    timings["propagate_s"] = time.perf_counter() - start
+    with encoder_memory():     # slices encoded on demand on the way (features.py)
+        scored = score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel,
+                              use_prior=template is None, reach_from=seeds if reach else None)
+    stage.stop()
     while True:
         adapter_index = _paint(scored.index.copy(), seeds, painted)
         evidence = {}
@@ -491,9 +498,10 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
                                           evidence), seeds, painted)
         if scored.covers(index):
             break
-        start = time.perf_counter()
-        scored.score_all()      # a kept component runs onto an unscored slice (it turned back from beyond)
-        timings["propagate_s"] += time.perf_counter() - start
+        stage.start("propagate_s")
+        with encoder_memory():
+            scored.score_all()      # a kept component runs onto an unscored slice (it turned back from beyond)
+        stage.stop()
     values = np.array([0] + model.label_values, dtype=np.uint16)
     stages = {}
     if keep_stages:
@@ -502,7 +510,7 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
         stages["components"] = prepared.from_slices(values[index])
     refinement = {}
     if config.refine != "none":
-        start = time.perf_counter()
+        stage.start("refine_s")
         device = pick_device(config.device)
         refine_values = None
         if painted:
@@ -519,16 +527,16 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
                                     refine_values=refine_values, skip_slices=painted,
                                     precision=config.precision)
         index = _paint(_clean_by_evidence(index, seeds, keep, scored.confidence, model, prepared), seeds, painted)
-        timings["refine_s"] = time.perf_counter() - start
+        stage.stop()
         if keep_stages:
             stages["refined"] = prepared.from_slices(values[index])
     if config.smooth_final_mm > 0:
         index = _paint(_smooth_labels(index, config.smooth_final_mm, prepared), seeds, painted)
     label_image = prepared.from_slices(values[index])
-    start = time.perf_counter()
+    stage.start("propagate_s")
     for k in range(1, len(model.label_values) + 1):    # the doubt the suggestions read (label_reach)
         scored.score(range(*label_reach(index, k)[0].indices(len(index))))
-    timings["propagate_s"] += time.perf_counter() - start
+    stage.stop()
     uncertainty = scored.uncertainty
     uncertainty[painted] = 0                      # the painting is certain
     painted_per_label = {k: [i for i in painted if (seeds[i] == k).any()] or painted
@@ -542,7 +550,7 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     counts = {model.labels[v]["name"]: int((values[index] == v).sum()) for v in model.label_values}
     missing = [name for name, n in counts.items() if n == 0]
     summary = {"voxels": counts, "not_found": missing, "timings": timings, "axis": prepared.axis,
-               "scored_slices": int(scored.scored.sum()),
+               "scored_slices": int(scored.scored.sum()), "encoded_slices": int(prepared.features.encoded.sum()),
                "components": evidence,
                "painted_slices": painted, "refinement": refinement, "suggested_slices": suggestions,
                "landmarks": [{"label": p["label"], "position_lps": list(p["position"]),
@@ -552,6 +560,25 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
         stages["final"] = label_image
     return Prediction(label_image, landmarks, summary, stages, prepared.from_slices(uncertainty, np.uint8),
                       suggestions)
+
+
+class _StageClock:
+    """Seconds per stage into ``timings``; slices encoded on demand during a stage (features.py)
+    count as encoding (``encode_s``), not as the stage that read them."""
+
+    def __init__(self, timings: dict, features: VolumeFeatures):
+        self.timings, self.features = timings, features
+        self._running = None
+
+    def start(self, name: str) -> None:
+        self._running = (name, time.perf_counter(), self.features.encoder_seconds)
+
+    def stop(self) -> None:
+        name, started, encoded = self._running
+        spent = self.features.encoder_seconds - encoded
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started - spent
+        self.timings["encode_s"] += spent
+        self._running = None
 
 
 def _matched_landmarks(landmarks: list[dict], model: TrainedModel, prepared: PreparedVolume,
@@ -651,9 +678,9 @@ def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels:
     of other volumes) and label the rest of ``image``.
     ``session`` (session.Session) keeps backbones and encoded volumes between calls."""
     model, prepared = fit(image, template, config, labels, progress, cancel, session, more)
-    train_s = model.train_seconds
     prediction = segment(model, prepared, template, progress, cancel)
-    prediction.summary["timings"]["train_s"] = train_s
+    prediction.summary["timings"]["train_s"] = model.train_seconds
+    prediction.summary["timings"]["encode_s"] += model.encode_seconds
     return model, prediction
 
 
@@ -667,17 +694,19 @@ def fit(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels:
     config = resolved(config.validate(), image, template)
     backbone = _backbone(config, session)
     share = 0.55 / len(examples)
+    # on demand: training reads the painted slices, propagation the slices the painting reaches
     prepared = [_prepare(im, config, backbone, _scaled(progress, i * share, share / 0.55), cancel,
-                         session if i == 0 else None)
+                         session if i == 0 else None, on_demand=config.encode_on_demand)
                 for i, (im, _, _) in enumerate(examples)]
-    start = time.perf_counter()
+    start, encoded = time.perf_counter(), sum(p.features.encoder_seconds for p in prepared)
     painting = session.painting_key(template) if session is not None and not more else ""
     previous = session.previous_model(prepared[0], config, painting) if painting else None
     model = train_many([(p, t, lab) for p, (_, t, lab) in zip(prepared, examples)], config, backbone.id,
                        lambda f, s, m: progress(0.55 + 0.05 * f, s, m), cancel, warm_start=previous)
     if painting:
         session.remember_model(prepared[0], model, painting)
-    model.train_seconds = time.perf_counter() - start
+    model.encode_seconds = sum(p.features.encoder_seconds for p in prepared) - encoded
+    model.train_seconds = time.perf_counter() - start - model.encode_seconds
     return model, prepared[0]
 
 
@@ -686,7 +715,8 @@ def _scaled(progress: Progress, offset: float, factor: float) -> Progress:
 
 
 # Settings that act after the adapter and may differ from training when applying a saved adapter.
-RUNTIME_FIELDS = ("device", "precision", "compile", "score_stride_cells", "reachable_only", "cache_dir", "batch_size", "refine",
+RUNTIME_FIELDS = ("device", "precision", "compile", "score_stride_cells", "reachable_only", "cache_dir", "batch_size",
+                  "encode_on_demand", "refine",
                   "n_points", "sam_checkpoint", "landmarks", "keep_components", "min_component_voxels",
                   "smooth_across_mm", "smooth_final_mm")
 
@@ -696,11 +726,11 @@ def _backbone(config: PipelineConfig, session=None) -> Backbone:
     return build_backbone_for(config) if session is None else session.backbone(config)
 
 
-def _prepare(image, config, backbone, progress, cancel, session=None) -> PreparedVolume:
-    """The volume encoded now, or the session's copy when it encoded this volume already."""
+def _prepare(image, config, backbone, progress, cancel, session=None, on_demand=False) -> PreparedVolume:
+    """The volume encoded now (or on demand), or the session's copy when it has this volume already."""
     if session is None:
-        return prepare_volume(image, config, backbone, progress, cancel)
-    return session.prepare(image, config, backbone, progress, cancel)
+        return prepare_volume(image, config, backbone, progress, cancel, on_demand=on_demand)
+    return session.prepare(image, config, backbone, progress, cancel, on_demand=on_demand)
 
 
 def _backbone_and_volume(image, config, progress, cancel, session):

@@ -132,7 +132,7 @@ class SliceDecisions:
         h, w = self.shape = self.features.slice_shape
         # Feature cells are 4 / scale pixels (LiteMedSAM); scoring every pixel of a cell several times
         # adds nothing, so score on a grid of ``score_stride_cells`` cells and interpolate the scores.
-        cell = self.features.frame[0] / self.features.features.shape[2] / self.features.scale
+        cell = self.features.frame[0] / self.features.features.shape[2] / self.features.scale   # (N, C, h, w)
         self.stride = max(1, int(round(cell * self.config.score_stride_cells)))
         self.weights = neighbour_weights(self.config.smooth_across_mm, prepared.slice_spacing_mm)
         self.radius = len(self.weights) // 2
@@ -150,6 +150,8 @@ class SliceDecisions:
         if i not in self._raw:
             if self.cancel and self.cancel():
                 raise Cancelled("cancelled while propagating")
+            # a slice not encoded yet is encoded now, at the encoder's own threads and precision
+            self.features.ensure([i])
             # small ops: more threads only on idle cores (runtime.small_ops)
             with small_ops(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
                 scores = (adaptive_scores(self.adapter, self.features, i, self.stride)

@@ -33,6 +33,7 @@ AFTER_ENCODER = {_M_MMAP_THRESHOLD: 32 << 20, _M_MMAP_MAX: 65536, _M_TRIM_THRESH
 # while encoding: never mmap, trim only when more than 1 GiB is free at the top of the heap
 WHILE_ENCODING = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 1 << 30}
 _configured = {}
+_memory_depth = [0]       # encoder_memory's nesting
 
 
 def available_cores() -> int:
@@ -90,11 +91,16 @@ def encoder_memory():
     same 50-300 MB intermediates batch after batch (kept, its second pass faults no pages), while
     what runs after it (whole-volume masks, labels, scores) would otherwise stay resident for
     good: on a 512x512x300 CT the process held 6.9 GB at its peak with memory kept throughout."""
-    keep_freed_memory()
+    # re-entrant: a stage that encodes on demand (propagation) holds it around its own work
+    _memory_depth[0] += 1
+    if _memory_depth[0] == 1:
+        keep_freed_memory()
     try:
         yield
     finally:
-        release_freed_memory()
+        _memory_depth[0] -= 1
+        if _memory_depth[0] == 0:
+            release_freed_memory()
 
 
 def configure(threads: int = 0) -> dict:

@@ -50,7 +50,7 @@ class Session:
         return self._backbones[key]
 
     def prepare(self, image: sitk.Image, config: PipelineConfig, backbone: Backbone, progress=pipeline._noop,
-                cancel=None) -> pipeline.PreparedVolume:
+                cancel=None, on_demand: bool = False) -> pipeline.PreparedVolume:
         settings = config.to_dict()
         key = (image_fingerprint(image), backbone.id, getattr(backbone, "cache_tag", "")) + \
             tuple(settings.get(name) for name in VOLUME_FIELDS)
@@ -59,7 +59,7 @@ class Session:
             self._volumes.move_to_end(key)
             progress(0.55, "encode", "features of this volume from memory")
             return self._volumes[key]
-        prepared = pipeline.prepare_volume(image, config, backbone, progress, cancel)
+        prepared = pipeline.prepare_volume(image, config, backbone, progress, cancel, on_demand=on_demand)
         self._volumes[key] = prepared
         while len(self._volumes) > self.max_volumes:
             self._volumes.popitem(last=False)
