@@ -72,10 +72,15 @@ def _config_args(parser):
                    help="body-relative position as adapter input (off, inplane, 3d)")
     g.add_argument("--location-prior", type=float, default=PipelineConfig.location_prior,
                    help="weight of where the template had each label when choosing between labels (0: off)")
+    g.add_argument("--self-support", type=float, default=PipelineConfig.self_support, help=SELF_SUPPORT_HELP)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=DEVICES, default="auto")
     _speed_args(g)
     g.add_argument("--cache-dir", default="", help="reuse encoder features of the same volume")
+
+
+SELF_SUPPORT_HELP = ("on volumes without painting: the share (0-1) of each label's reference pixels taken, in a "
+                     "second pass, from the pixels the first pass was surest of (0: off)")
 
 
 def _speed_args(group, default="auto"):
@@ -91,7 +96,7 @@ def _config(args) -> dict:
         feature_layer=args.feature_layer, modality=args.modality, ct_window=args.ct_window,
         adapter=args.adapter, axis=args.axis, refine=args.refine, sam_checkpoint=args.sam_checkpoint,
         keep_components=args.keep_components, landmarks=not args.no_landmarks, seed=args.seed,
-        location=args.location, location_prior=args.location_prior,
+        location=args.location, location_prior=args.location_prior, self_support=args.self_support,
         device=args.device, precision=args.precision, compile=args.compile,
         cache_dir=args.cache_dir).validate().to_dict()
 
@@ -118,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--refine", choices=REFINEMENTS)
     p.add_argument("--device", choices=DEVICES)
+    p.add_argument("--self-support", type=float, help=SELF_SUPPORT_HELP)
     _speed_args(p, default=None)
     p.add_argument("--cache-dir")
     p.add_argument("--no-landmarks", action="store_true")
@@ -160,7 +166,8 @@ def main(argv=None) -> int:
         else:
             overrides = {k: v for k, v in (("refine", args.refine), ("device", args.device),
                                            ("precision", args.precision), ("compile", args.compile),
-                                           ("cache_dir", args.cache_dir)) if v is not None}
+                                           ("cache_dir", args.cache_dir), ("self_support", args.self_support))
+                         if v is not None}
             if args.no_landmarks:
                 overrides["landmarks"] = False
             for image in args.image:

@@ -94,6 +94,10 @@ class PipelineConfig:
     # each pixel lies to where the template had the label (propagation.LocationPrior; the exponent of
     # that weight; 0 disables)
     location_prior: float = 1.0
+    # on a volume without painting (another patient): a second pass in which this fraction of each
+    # label's reference pixels (contrastive) or prototype (basic) comes from the pixels the first
+    # pass was surest of on that volume (self-support; pipeline.target_support); 0 disables
+    self_support: float = 0.0
     samples_per_label: int = 2000     # training pixels per label per template slice
     batch_size: int = 4               # slices per encoder batch
     # a painted volume's slices are encoded when propagation first reads them (features.py):
@@ -116,6 +120,8 @@ class PipelineConfig:
             raise InputError(f"feature_layer must be 'preneck' or 'neck', got {self.feature_layer!r}")
         if self.modality not in ("auto", "ct", "mri"):
             raise InputError(f"modality must be 'auto', 'ct' or 'mri', got {self.modality!r}")
+        if not 0.0 <= self.self_support <= 1.0:
+            raise InputError(f"self_support must be in [0, 1], got {self.self_support}")
         if not 0.0 < self.threshold < 1.0:
             raise InputError(f"threshold must be in (0, 1), got {self.threshold}")
         return self

@@ -29,8 +29,8 @@ from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, v
 from .guidance import label_reach, suggest_slices
 from .landmarks import LANDMARK_AREA_MM2, landmarks_from_label_map, match_point
 from .location import BodyFrame, LocatedFeatures, slice_to_volume
-from .postprocess import (choose_components, clean_label_map, cut_regrowth, default_keep, is_known_organ,
-                          strong_components)
+from .postprocess import (AXIAL_MIN_SLICES, AXIAL_VARIATION_MM, axial_centre, choose_components, clean_label_map,
+                          cut_regrowth, default_keep, is_known_organ, strong_components)
 from .preprocessing import guess_modality, normalize_volume
 from .propagation import score_volume
 from .refine import refinement_agreement, refine_label_slices
@@ -78,6 +78,10 @@ class TrainedModel:
     # label value -> mean unit encoder feature of its painted pixels, for labels painted as
     # landmarks (no larger than landmarks.LANDMARK_AREA_MM2): found on other volumes by matching
     descriptors: dict[int, list[float]] = field(default_factory=dict)
+    # label value -> {other label value: mm from the other's centre to this one's along the
+    # propagation axis}, for labels painted on enough slices to place their centre (postprocess.
+    # axial_centre): on other volumes a component is checked against where the others were found
+    axial_offsets_mm: dict[int, dict[int, float]] = field(default_factory=dict)
     train_seconds: float = 0.0
     encode_seconds: float = 0.0      # painted slices encoded on demand while training
 
@@ -96,6 +100,8 @@ class TrainedModel:
             "modality": self.modality,
             "areas_mm2": {str(v): float(a) for v, a in self.areas_mm2.items()},
             "descriptors": {str(v): [float(x) for x in d] for v, d in self.descriptors.items()},
+            "axial_offsets_mm": {str(v): {str(a): float(mm) for a, mm in row.items()}
+                                 for v, row in self.axial_offsets_mm.items()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -125,7 +131,9 @@ class TrainedModel:
                        modality=str(payload.get("modality", "")),
                        areas_mm2={int(v): float(a) for v, a in (payload.get("areas_mm2") or {}).items()},
                        descriptors={int(v): [float(x) for x in d]
-                                    for v, d in (payload.get("descriptors") or {}).items()})
+                                    for v, d in (payload.get("descriptors") or {}).items()},
+                       axial_offsets_mm={int(v): {int(a): float(mm) for a, mm in row.items()}
+                                         for v, row in (payload.get("axial_offsets_mm") or {}).items()})
         except (KeyError, TypeError, RuntimeError, InputError) as exc:
             raise CheckpointError(f"adapter file {path} is incomplete or from another version: {exc}") from None
 
@@ -360,7 +368,7 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
     matched = match_labels(examples)
     config = PipelineConfig.from_dict({**config.to_dict(), "axis": examples[0][0].axis})
     rng = np.random.default_rng(config.seed)
-    per_volume, positions, areas, index_maps = [], {}, {}, []
+    per_volume, positions, areas, index_maps, centres = [], {}, {}, [], []
     for (prepared, template, _), (values, _) in zip(examples, matched):
         index_map = _to_index(prepared.to_slices(template), values)
         index_maps.append(index_map)
@@ -373,6 +381,7 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
                                                  template_slices, config.samples_per_label,
                                                  config.negative_margin_px, rng, config.negative_margin_fraction))
         pixel_mm2 = prepared.pixel_area_mm2
+        centres.append(painted_centres_mm(index_map, len(values), prepared.slice_spacing_mm))
         for k in range(1, len(values) + 1):
             positions.setdefault(k, []).append(_label_positions(prepared, index_map, template_slices, k, rng))
             counts = (index_map[template_slices] == k).reshape(len(template_slices), -1).sum(1)
@@ -400,8 +409,27 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
             per_volume = [_label_descriptor(prepared, index_map, k)
                           for (prepared, _, _), index_map in zip(examples, index_maps)]
             descriptors[value] = torch.stack(per_volume).mean(0).tolist()
+    offsets = {}
+    for k, value in enumerate(values, start=1):
+        row = {values[a - 1]: float(np.mean([c[k] - c[a] for c in centres if k in c and a in c]))
+               for a in range(1, len(values) + 1) if a != k and any(k in c and a in c for c in centres)}
+        if row:
+            offsets[value] = row
     return TrainedModel(adapter, config, values, meta, backbone_id, locations, examples[0][0].modality, areas_mm2,
-                        descriptors)
+                        descriptors, offsets)
+
+
+def painted_centres_mm(index_map: np.ndarray, n_labels: int, spacing_mm: float) -> dict[int, float]:
+    """Label k -> the centre (mm along the propagation axis) of the slices it is painted on, for
+    labels painted on at least AXIAL_MIN_SLICES slices: painted across an organ (the protocol's
+    1/6, 1/2, 5/6), their middle is the organ's; one painted slice says nothing of where it lies."""
+    present = index_map.reshape(len(index_map), -1)
+    centres = {}
+    for k in range(1, n_labels + 1):
+        where = np.flatnonzero((present == k).any(1))
+        if len(where) >= AXIAL_MIN_SLICES:
+            centres[k] = axial_centre(where.min(), where.max()) * spacing_mm
+    return centres
 
 
 def _label_descriptor(prepared: PreparedVolume, index_map: np.ndarray, k: int) -> torch.Tensor:
@@ -487,21 +515,33 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     # anywhere, and a label of two parts painted as one takes the largest other component)
     reach = painted and config.reachable_only and all(
         keep[k] == 1 and is_known_organ(model.labels[v]["name"]) for k, v in enumerate(model.label_values, start=1))
-    with encoder_memory():     # slices encoded on demand on the way (features.py)
-        scored = score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel,
-                              use_prior=template is None, reach_from=seeds if reach else None)
-    stage.stop()
-    while True:
-        adapter_index = _paint(scored.index.copy(), seeds, painted)
-        evidence = {}
-        index = _paint(_clean_by_evidence(adapter_index, seeds, keep, scored.confidence, model, prepared,
-                                          evidence), seeds, painted)
-        if scored.covers(index):
-            break
-        stage.start("propagate_s")
-        with encoder_memory():
-            scored.score_all()      # a kept component runs onto an unscored slice (it turned back from beyond)
+
+    def scored_and_cleaned(model):
+        with encoder_memory():     # slices encoded on demand on the way (features.py)
+            scored = score_volume(model, prepared, lambda f, s, m: progress(0.6 + 0.2 * f, s, m), cancel,
+                                  use_prior=template is None, reach_from=seeds if reach else None)
         stage.stop()
+        while True:
+            adapter_index = _paint(scored.index.copy(), seeds, painted)
+            evidence = {}
+            index = _paint(_clean_by_evidence(adapter_index, seeds, keep, scored.confidence, model, prepared,
+                                              evidence), seeds, painted)
+            if scored.covers(index):
+                return scored, adapter_index, index, evidence
+            stage.start("propagate_s")
+            with encoder_memory():
+                scored.score_all()      # a kept component runs onto an unscored slice (it turned back from beyond)
+            stage.stop()
+
+    scored, adapter_index, index, evidence = scored_and_cleaned(model)
+    if template is None and config.self_support > 0:
+        stage.start("propagate_s")
+        target = target_support(index, scored.confidence, prepared, model)
+        if target:
+            scored, adapter_index, index, evidence = scored_and_cleaned(
+                dataclasses.replace(model, adapter=model.adapter.supported_by(target, config.self_support)))
+        else:
+            stage.stop()
     values = np.array([0] + model.label_values, dtype=np.uint16)
     stages = {}
     if keep_stages:
@@ -526,6 +566,9 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
                                     lambda f, m: progress(0.8 + 0.15 * f, "refine", m), cancel,
                                     refine_values=refine_values, skip_slices=painted,
                                     precision=config.precision)
+        # a second clean-up: SAM's masks may leave or join pieces. Tried instead: cutting SAM's
+        # islands per slice and no second pass; across patients the left kidney lost 0.14 and the
+        # liver 0.08 on some pairs (benchmarks/results/cross_patient.json development_variants)
         index = _paint(_clean_by_evidence(index, seeds, keep, scored.confidence, model, prepared), seeds, painted)
         stage.stop()
         if keep_stages:
@@ -547,7 +590,7 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
     landmarks = landmarks_from_label_map(label_image, model.labels) if config.landmarks else []
     if config.landmarks and template is None and model.descriptors:
         landmarks = _matched_landmarks(landmarks, model, prepared, label_image)
-    counts = {model.labels[v]["name"]: int((values[index] == v).sum()) for v in model.label_values}
+    counts = {model.labels[v]["name"]: int(np.count_nonzero(index == k)) for k, v in enumerate(model.label_values, start=1)}
     missing = [name for name, n in counts.items() if n == 0]
     summary = {"voxels": counts, "not_found": missing, "timings": timings, "axis": prepared.axis,
                "scored_slices": int(scored.scored.sum()), "encoded_slices": int(prepared.features.encoded.sum()),
@@ -560,6 +603,27 @@ def segment(model: TrainedModel, prepared: PreparedVolume, template: sitk.Image 
         stages["final"] = label_image
     return Prediction(label_image, landmarks, summary, stages, prepared.from_slices(uncertainty, np.uint8),
                       suggestions)
+
+
+def target_support(index: np.ndarray, confidence: np.ndarray, prepared: PreparedVolume, model: TrainedModel,
+                   count: int = 16) -> dict[int, torch.Tensor]:
+    """Adapter-input features of ``count`` pixels per found label of a first pass on another volume,
+    drawn from the surer half of its kept component(s) (confidence at least the label's median):
+    what the second pass compares with beside the template (config.self_support)."""
+    features = prepared.adapter_features(model.config.location)
+    rng = np.random.default_rng(model.config.seed)
+    target = {}
+    for k in range(1, len(model.label_values) + 1):
+        where = np.argwhere(index == k)
+        if len(where) < count:
+            continue
+        sure = confidence[tuple(where.T)]
+        where = where[sure >= np.median(sure)]
+        where = where[np.sort(rng.choice(len(where), size=min(count, len(where)), replace=False))]
+        feats = torch.cat([features.sample(int(i), where[where[:, 0] == i, 1], where[where[:, 0] == i, 2])
+                           for i in np.unique(where[:, 0])]).float()
+        target[k] = feats[torch.from_numpy(rng.permutation(len(feats)))]   # no slice order in the first n
+    return target
 
 
 class _StageClock:
@@ -651,13 +715,30 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
         return cleaned
     volume = volume_from_slices(index, axis)
     conf = volume_from_slices(confidence, axis)
-    cleaned = np.zeros(volume.shape, np.uint8)
-    for k, value in enumerate(model.label_values, start=1):
+    slice_axis = AXIS_INDEX[axis]
+
+    def choose(k, value, anchors=None):
         expected = model.locations.get(value)
         area = model.areas_mm2.get(value, 0.0) / prepared.pixel_area_mm2
-        mask, kept = choose_components(volume == k, conf, keep[k], config.min_component_voxels,
-                                       prepared.body_position if expected else None, expected, area,
-                                       AXIS_INDEX[axis])
+        return choose_components(volume == k, conf, keep[k], config.min_component_voxels,
+                                 prepared.body_position if expected else None, expected, area, slice_axis, anchors)
+
+    chosen = {k: choose(k, value) for k, value in enumerate(model.label_values, start=1)}
+    # then each label again, from where the others were found (the template's order along the scan)
+    spacing = prepared.slice_spacing_mm
+    found = {}
+    for k, (mask, _) in chosen.items():
+        along = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != slice_axis)))
+        if len(along):
+            found[model.label_values[k - 1]] = axial_centre(along[0], along[-1])
+    final = {}
+    for k, value in enumerate(model.label_values, start=1):
+        offsets = model.axial_offsets_mm.get(value, {})
+        anchors = [(found[a], mm / spacing, AXIAL_VARIATION_MM / spacing) for a, mm in offsets.items() if a in found]
+        final[k] = choose(k, value, anchors) if anchors else chosen[k]
+    cleaned = np.zeros(volume.shape, np.uint8)
+    for k, value in enumerate(model.label_values, start=1):
+        mask, kept = final[k]
         cleaned[mask] = k
         if report is not None:
             report[model.labels[value]["name"]] = kept
@@ -718,7 +799,7 @@ def _scaled(progress: Progress, offset: float, factor: float) -> Progress:
 RUNTIME_FIELDS = ("device", "precision", "compile", "score_stride_cells", "reachable_only", "cache_dir", "batch_size",
                   "encode_on_demand", "refine",
                   "n_points", "sam_checkpoint", "landmarks", "keep_components", "min_component_voxels",
-                  "smooth_across_mm", "smooth_final_mm")
+                  "smooth_across_mm", "smooth_final_mm", "self_support")
 
 
 def _backbone(config: PipelineConfig, session=None) -> Backbone:

@@ -86,7 +86,9 @@ def _kept_components(mask: np.ndarray, seed: np.ndarray | None, seed_value, keep
         if len(kept) >= keep or sizes[component] < min_voxels:
             break
         kept.add(component)
-    return np.isin(components, sorted(kept)), box
+    chosen = np.zeros(count + 1, bool)                 # a table: one pass, where np.isin compares per value
+    chosen[sorted(kept)] = True
+    return chosen[components], box
 
 
 def values_present(values: np.ndarray) -> np.ndarray:
@@ -99,6 +101,19 @@ def values_present(values: np.ndarray) -> np.ndarray:
         seen[values.ravel()] = True
         return np.flatnonzero(seen).astype(values.dtype)
     return np.unique(values)
+
+
+def _whole_labels(values: np.ndarray) -> np.ndarray:
+    """``values`` as an unsigned/integer array (what find_objects takes), or a one-line error."""
+    if values.dtype.kind == "b":
+        return values.view(np.uint8)
+    if values.dtype.kind not in "ui":
+        if not np.array_equal(values, np.round(values)):
+            raise InputError("a label map holds whole numbers, this one has fractions")
+        values = values.astype(np.int64)
+    if values.dtype.kind == "i" and values.size and values.min() < 0:
+        raise InputError("a label map holds labels of 0 and above, this one has negative values")
+    return values
 
 
 def clean_label_map(label_map, template_map=None, keep: dict[int, int] | int = 1,
@@ -117,13 +132,15 @@ def clean_label_map(label_map, template_map=None, keep: dict[int, int] | int = 1
     if values.ndim != 3:
         raise InputError(f"clean_label_map needs a 3D (z, y, x) label map, got shape {values.shape}")
     cleaned = np.zeros_like(values)
-    for label in values_present(values):
-        if label == 0:
+    # every label's bounding box in one pass over the volume; each label is then read within its box
+    boxes = ndimage.find_objects(_whole_labels(values))
+    for label, outer in enumerate(boxes, start=1):
+        if outer is None:
             continue
-        count = keep.get(int(label), 1) if isinstance(keep, dict) else keep
-        part, box = _kept_components(values == label, None if template_map is None else template, label,
-                                     count, min_voxels)
-        cleaned[box][part] = label                    # the box is a view of ``cleaned``
+        count = keep.get(label, 1) if isinstance(keep, dict) else keep
+        part, box = _kept_components(values[outer] == label, None if template_map is None else template[outer],
+                                     label, count, min_voxels)
+        cleaned[outer][box][part] = label             # the boxes are views of ``cleaned``
     if image is None:
         return cleaned
     result = sitk.GetImageFromArray(cleaned)
@@ -164,6 +181,24 @@ STRONG_CONFIDENCE = 0.8      # painted volume, unknown names: unseeded component
 # ...and when its largest cross-section is at least this fraction of the label's typical painted
 # one (the organ of another adult differs far less than 2x; a sliver next to it is smaller)
 MIN_AREA_FRACTION = 0.5
+# Along the scan: where labels were painted on at least AXIAL_MIN_SLICES slices, the template says
+# how far apart their centres lie (the spleen's some 2-7 cm above the left kidney's); a component
+# is compared with that from where the other labels were found, in units of AXIAL_VARIATION_MM (how
+# much organs shift against each other between adults and with breathing: a few cm, a priori)
+AXIAL_MIN_SLICES = 3
+AXIAL_VARIATION_MM = 30.0
+
+
+def axial_centre(first: float, last: float) -> float:
+    """The centre of a structure from its first and last slice along the axis (slice units)."""
+    return 0.5 * (first + last)
+
+
+def axial_distance(centre: float, anchors: list[tuple[float, float, float]]) -> float:
+    """How far (in spreads) a component centred at slice ``centre`` lies from where the template
+    puts it relative to each anchor (anchor centre, expected offset, spread; all in slices): the
+    median over anchors, so one anchor found in the wrong place does not decide."""
+    return float(np.median([abs((centre - at) - offset) / spread for at, offset, spread in anchors]))
 
 
 def component_evidence(components: np.ndarray, index, confidence: np.ndarray | None,
@@ -192,12 +227,15 @@ def component_evidence(components: np.ndarray, index, confidence: np.ndarray | N
 
 def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int = 1, min_voxels: int = 20,
                       position=None, expected=None, painted_area: float = 0.0,
-                      slice_axis: int = 0) -> tuple[np.ndarray, list[dict]]:
+                      slice_axis: int = 0, anchors: list[tuple[float, float, float]] | None = None
+                      ) -> tuple[np.ndarray, list[dict]]:
     """On a volume without painting: keep the ``keep`` components of a label's (z, y, x) mask that
     the evidence supports best (component_evidence), never simply the largest; none when no
     component is convincing (the label is then "not found"). ``painted_area``: the label's median
     cross-section on the template's painted slices, in this volume's pixels (0: not checked);
     a component's largest cross-section along ``slice_axis`` must reach MIN_AREA_FRACTION of it.
+    ``anchors``: where the other labels were found along ``slice_axis`` and where the template
+    puts this one from them (axial_distance); that distance joins the in-plane one.
     Returns (mask, evidence of the kept)."""
     mask = np.asarray(mask, bool)
     components, count, box = components_in_box(mask)
@@ -211,6 +249,14 @@ def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int
     where = None if position is None else (lambda zyx: position(zyx + offset))   # box -> grid voxels
     evidence = component_evidence(components, big, None if confidence is None else confidence[box],
                                   where, expected)
+    if anchors:
+        extents = ndimage.find_objects(components)
+        for e in evidence:
+            along = extents[e["component"] - 1][slice_axis]
+            centre = box[slice_axis].start + axial_centre(along.start, along.stop - 1)
+            e["axial_distance"] = round(axial_distance(centre, anchors), 3)
+            e["distance"] = round(float(np.hypot(e["distance"], e["axial_distance"])), 3)
+            e["score"] = float(e["voxels"] * e["confidence"] * np.exp(-0.5 * e["distance"] ** 2))
     candidates = [e for e in evidence if e["confidence"] >= MIN_CONFIDENCE and e["distance"] <= LOCATION_SIGMAS]
     if painted_area > 0 and candidates:
         extents = ndimage.find_objects(components)

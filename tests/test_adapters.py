@@ -130,3 +130,42 @@ def test_same_probability_equals_the_pair_heads_softmax():
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(fused_bf16, expected, atol=2e-2, rtol=0)
     assert not torch.allclose(fused_bf16, expected, atol=1e-6, rtol=0)   # bf16 did run
+
+
+def _shifted(synthetic, shift):
+    """The synthetic volume with label 1's features moved by ``shift`` (another patient's organ)."""
+    vf, truth = synthetic
+    cell = truth[:, 2::4, 2::4]
+    features = vf.features.float().permute(0, 2, 3, 1).clone()
+    features[torch.from_numpy(cell == 1)] += torch.from_numpy(shift)
+    return VolumeFeatures(Encoded(features=features.permute(0, 3, 1, 2).half(), scale=1.0, frame=(64, 64)), (64, 64))
+
+
+def test_support_from_the_target_volume_finds_an_organ_that_looks_other_than_the_templates(synthetic):
+    vf, truth = synthetic
+    template = np.zeros_like(truth)
+    template[1] = truth[1]
+    pixels = sample_training_pixels(vf, template, [1], 300, rng=np.random.default_rng(0))
+    other = _shifted(synthetic, 1.5 * np.random.default_rng(0).normal(size=32).astype(np.float32))
+    rows, cols = np.nonzero(truth[2] == 1)
+    pick = np.random.default_rng(1).choice(len(rows), 16, replace=False)
+    target = {1: other.sample(2, rows[pick], cols[pick]).float()}
+
+    basic = create_adapter("basic", seed=0, center_features=True)
+    basic.fit(pixels)
+    assert dice(predict(basic, other) == 1, truth == 1) < 0.5          # the template's prototype misses it
+    supported = basic.supported_by(target, 1.0)
+    assert dice(predict(supported, other) == 1, truth == 1) > 0.9
+    assert dice(predict(supported, other) == 2, truth == 2) > 0.9
+    torch.testing.assert_close(basic.supported_by(target, 0.0).prototypes, basic.prototypes)
+
+    contrastive = create_adapter("contrastive", seed=0, steps=100)
+    contrastive.fit(pixels)
+    half = contrastive.supported_by(target, 0.5)
+    m = contrastive.options["n_references"]
+    # label 1: the template's first half of references stays, the target's pixels take the rest
+    torch.testing.assert_close(half.references[0, :m // 2], contrastive.references[0, :m // 2])
+    torch.testing.assert_close(half.references[0, m // 2:], contrastive._standardize(target[1][:m // 2]))
+    torch.testing.assert_close(half.references[1], contrastive.references[1])    # no support given
+    assert contrastive.references is not half.references
+    np.testing.assert_array_equal(predict(contrastive.supported_by(target, 0.0), other), predict(contrastive, other))

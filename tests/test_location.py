@@ -153,3 +153,23 @@ def test_a_sliver_far_smaller_than_the_painted_organ_is_not_the_organ():
     # the cross-section is taken along the propagation axis: along x the small blob is 60 px
     kept, evidence = choose_components(mask, confidence, 2, 20, painted_area=100.0, slice_axis=2)
     assert sorted(e["area_fraction"] for e in evidence) == [0.6, 0.9]
+
+
+def test_where_the_other_labels_were_found_along_the_scan_chooses_the_component():
+    mask = np.zeros((40, 30, 30), bool)
+    mask[2:10, 5:15, 5:15] = True            # low in the scan, the larger: 800 voxels
+    mask[25:32, 5:15, 5:15] = True           # high: 700 voxels, the same place in-plane
+    confidence = np.where(mask, 230, 0).astype(np.uint8)
+    kept, _ = choose_components(mask, confidence, 1, 20)
+    assert kept[5, 10, 10] and not kept[28, 10, 10]
+    # another label found centred on slice 20; the template had this one 8 slices above it
+    anchors = [(20.0, 8.0, 6.0)]
+    kept, evidence = choose_components(mask, confidence, 1, 20, anchors=anchors)
+    assert kept[28, 10, 10] and not kept[5, 10, 10]
+    assert evidence[0]["axial_distance"] == 0.0              # slices 25-31: centre 28 = 20 + 8
+    # two anchors agree, one found in the wrong place: the median of the three still decides
+    kept, _ = choose_components(mask, confidence, 1, 20, anchors=anchors * 2 + [(-10.0, 8.0, 6.0)])
+    assert kept[28, 10, 10] and not kept[5, 10, 10]
+    # too far from everything the template says: not found
+    kept, _ = choose_components(mask, confidence, 1, 20, anchors=[(60.0, 8.0, 3.0)])
+    assert not kept.any()

@@ -65,6 +65,19 @@ def test_bad_arguments():
         clean_label(_blobs(), np.ones((2, 2, 2), bool))
 
 
+def test_label_maps_of_any_integer_kind_are_cleaned_and_fractions_refused():
+    values = _blobs().astype(np.uint8) * 3
+    expected = clean_label_map(values, None, keep=1)
+    assert (expected == 3).sum() == 27 and set(np.unique(expected)) == {0, 3}
+    for kind in (np.int16, np.uint16, np.float32):
+        np.testing.assert_array_equal(clean_label_map(values.astype(kind), None, keep=1), expected)
+    np.testing.assert_array_equal(clean_label_map(_blobs(), None, keep=1), expected == 3)
+    with pytest.raises(InputError, match="fractions"):
+        clean_label_map(values * 0.5, None)
+    with pytest.raises(InputError, match="negative"):
+        clean_label_map(-values.astype(np.int8), None)
+
+
 @pytest.fixture(scope="module")
 def chaos_labels(shared_data):
     return sitk.ReadImage(str(shared_data / "chaos_mri" / "label_2.nii.gz"), sitk.sitkUInt8)

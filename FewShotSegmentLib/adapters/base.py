@@ -141,6 +141,13 @@ class Adapter:
         self.net.load_state_dict(warm["net"])
         return True
 
+    def supported_by(self, target: dict[int, torch.Tensor], fraction: float) -> "Adapter":
+        """A copy that also compares with pixels of the volume being labelled: ``target`` maps a
+        label k to raw features (n, C) of pixels the first pass was sure of; ``fraction`` of the
+        label's references (or prototype) come from them. Another patient's organ looks more like
+        itself than like the template's (self-support). Adapters without references return self."""
+        return self
+
     # --- standardization of features, learned from the training pixels -------------------------
     def _fit_standardization(self, feats: torch.Tensor):
         warm = self._warm

@@ -22,6 +22,15 @@ class BasicAdapter(Adapter):
         self.prototypes = torch.stack([pixels.features[pixels.labels == k].mean(0)
                                        for k in range(1, self.n_labels + 1)])
 
+    def supported_by(self, target, fraction):
+        copy = type(self).from_state(self.state())
+        protos = self.prototypes.clone()
+        for k, feats in target.items():
+            if len(feats):
+                protos[k - 1] = (1 - fraction) * protos[k - 1] + fraction * feats.float().mean(0)
+        copy.prototypes = protos
+        return copy
+
     def _score(self, feats, features):
         protos = self.prototypes
         if self.options["center_features"]:

@@ -159,6 +159,17 @@ class ContrastiveAdapter(Adapter):
                                        x[members[k][torch.randint(len(members[k]), (m,), generator=gen)]]
                                        for k in range(1, self.n_labels + 1)])
 
+    def supported_by(self, target, fraction):
+        copy = type(self).from_state(self.state())
+        m = self.options["n_references"]
+        refs = self.references.clone()
+        for k, feats in target.items():
+            n = min(int(round(fraction * m)), len(feats))
+            if n:       # the template's first references stay, the target's take the last places
+                refs[k - 1, m - n:] = self._standardize(feats[:n].float())
+        copy.references = refs
+        return copy
+
     def _score(self, feats, features):
         emb = self.net.embed(self._standardize(feats))                 # (n, E)
         k, m, c = self.references.shape
