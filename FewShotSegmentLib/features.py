@@ -74,23 +74,31 @@ class SliceEncoder:
         self.missing = missing          # (N,) bool: slices not encoded yet
         self.seconds = 0.0              # spent encoding on demand
 
-    def fill(self, features: torch.Tensor, indices) -> None:
+    def fill(self, features: torch.Tensor, indices, progress: Callable[[int, int, int], None] | None = None,
+             cancel: Callable[[], bool] | None = None) -> None:
+        """Encode the blocks holding ``indices`` that are still missing. ``progress(done, blocks,
+        last slice)`` after each block; ``cancel()`` before each (True raises Cancelled)."""
         wanted = np.unique(np.asarray(indices, dtype=np.int64).ravel())
         wanted = wanted[self.missing[wanted]]
         if not len(wanted):
             return
         start = time.perf_counter()
+        blocks = np.unique(wanted // self.batch_size)
         # the encoder's own settings, whatever the caller runs under (a scoring loop's autocast
         # would make the compiled graph recompile)
         with runtime.encoder_memory(), torch.autocast("cpu", enabled=False):
-            for block in np.unique(wanted // self.batch_size):
+            for done, block in enumerate(blocks, start=1):
+                if cancel and cancel():
+                    raise Cancelled("cancelled while encoding")
                 lo = int(block) * self.batch_size
                 hi = min(len(self.missing), lo + self.batch_size)
                 encoded = self.backbone.encode(_padded(self.slices[lo:hi], self.batch_size))
                 todo = torch.from_numpy(np.flatnonzero(self.missing[lo:hi]))
                 features[lo + todo] = encoded.features[todo]
                 self.missing[lo + todo] = False
-        self.store.note_missing(self.missing)
+                if progress:
+                    progress(done, len(blocks), hi)
+        self.store.note_missing(self.missing)   # once a call: the entry then says what it holds
         self.seconds += time.perf_counter() - start
 
 
@@ -281,7 +289,7 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
                 if len(encoded.features) == n:
                     encoder = SliceEncoder(slices, backbone, batch_size, store, missing) if missing.any() else None
                     if encoder is not None and not on_demand:
-                        encoder.fill(encoded.features, np.flatnonzero(missing))
+                        encoder.fill(encoded.features, np.flatnonzero(missing), cancel=cancel)
                         encoder = None
                     if progress:
                         progress(progress_range[1], "encode", f"features of {n} slices from cache")
@@ -292,35 +300,39 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "meta.json").unlink(missing_ok=True)
     store = _FeatureStore(folder)
-    features = encoded = None
     lo, hi = progress_range
-    # on demand: the block holding the middle slice (organs lie there more often than at the ends)
-    starts = range(0, n, batch_size) if not on_demand else [(n // 2) // batch_size * batch_size]
+    # the first block fixes the grids' shape; on demand it is the block holding the middle slice
+    # (organs lie there more often than at the ends). Every block is encoded whole and padded to
+    # batch_size (SliceEncoder), so on demand and all at once give the same features.
+    first = (n // 2) // batch_size * batch_size if on_demand else 0
+    missing = np.ones(n, bool)
     try:
+        if cancel and cancel():
+            raise Cancelled("cancelled while encoding")
         with runtime.encoder_memory():     # see runtime.py
-            for done, start in enumerate(starts, start=1):
-                if cancel and cancel():
-                    raise Cancelled("cancelled while encoding")
-                batch = slices[start:start + batch_size]
-                count = len(batch)
-                encoded = backbone.encode(_padded(batch, batch_size) if start > 0 or on_demand else batch)
-                if features is None:
-                    features = store.allocate("features", (n,) + tuple(encoded.features.shape[1:]))
-                features[start:start + count] = encoded.features[:count]
-                if progress:
-                    message = (f"encoded slice {min(n, start + batch_size)}/{n}" if not on_demand else
-                               "the other slices are encoded as propagation reaches them")
-                    progress(lo + (hi - lo) * done / len(starts), "encode", message)
-        missing = None
-        if on_demand:
-            missing = np.ones(n, bool)
-            missing[starts[0]:starts[0] + batch_size] = False
+            encoded = backbone.encode(_padded(slices[first:first + batch_size], batch_size))
+        count = min(batch_size, n - first)
+        features = store.allocate("features", (n,) + tuple(encoded.features.shape[1:]))
+        features[first:first + count] = encoded.features[:count]
+        missing[first:first + count] = False
         store.finish(encoded.scale, encoded.frame, missing)
+        encoder = SliceEncoder(slices, backbone, batch_size, store, missing)
+        if on_demand:
+            if progress:
+                progress(hi, "encode", "the other slices are encoded as propagation reaches them")
+        else:
+            blocks = -(-n // batch_size)
+            report = None if progress is None else (
+                lambda done, _, last: progress(lo + (hi - lo) * (done + 1) / blocks, "encode",
+                                               f"encoded slice {last}/{n}"))
+            if progress:
+                report(0, blocks, count)
+            encoder.fill(features, np.flatnonzero(missing), report, cancel)
     except BaseException:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    encoder = SliceEncoder(slices, backbone, batch_size, store, missing) if on_demand and missing.any() else None
+    encoder = encoder if encoder.missing.any() else None
     # SAM embeddings: the features themselves (LiteMedSAM's neck layer), or made from them
     return VolumeFeatures(Encoded(features=features, scale=encoded.scale, frame=encoded.frame,
                                   sam_embeddings=features if encoded.sam_embeddings is encoded.features else None,

@@ -128,3 +128,23 @@ def test_a_propagation_encodes_only_the_slices_it_reaches_and_labels_the_same():
     # neighbours, in whole blocks of 4: slices 16-35 (the middle block, 20-23, among them)
     assert encoded == list(range(16, 36)), encoded
     assert prediction.summary["timings"]["encode_s"] > 0
+
+
+def test_encoding_all_at_once_reports_each_block_and_a_cancel_keeps_no_entry(tmp_path):
+    import pytest
+
+    from FewShotSegmentLib.errors import Cancelled
+
+    slices = _slices()
+    reports = []
+    backbone = CountingBackbone()
+    whole = encode_volume(slices, backbone, batch_size=4, progress=lambda f, s, m: reports.append((f, m)))
+    assert len(backbone.seen) == 24                     # 6 blocks of 4, the last one padded
+    assert [round(f, 3) for f, _ in reports] == [round(b / 6, 3) for b in range(1, 7)]
+    assert reports[-1][1] == "encoded slice 21/21" and whole.encoder is None
+
+    calls = []
+    with pytest.raises(Cancelled):
+        encode_volume(slices, CountingBackbone(), batch_size=4, cache_dir=tmp_path,
+                      cancel=lambda: calls.append(1) or len(calls) > 3)
+    assert not any(tmp_path.iterdir())                  # a cancelled encoding leaves no cache entry
