@@ -179,8 +179,10 @@ MIN_CONFIDENCE = 0.6
 LOCATION_SIGMAS = 3.0
 STRONG_CONFIDENCE = 0.8      # painted volume, unknown names: unseeded components kept above this
 # ...and when its largest cross-section is at least this fraction of the label's typical painted
-# one (the organ of another adult differs far less than 2x; a sliver next to it is smaller)
-MIN_AREA_FRACTION = 0.5
+# one: another adult's organ is less than half as wide (a sliver next to it is smaller). Not half
+# the area: spleens differ that much (CHAOS P3's has 2-6x the others' volume; with 0.5 its adapter found
+# no spleen on 3 of 4 patients, though on two the best component was the spleen)
+MIN_AREA_FRACTION = 0.25
 # Along the scan: where labels were painted on at least AXIAL_MIN_SLICES slices, the template says
 # how far apart their centres lie (the spleen's some 2-7 cm above the left kidney's); a component
 # is compared with that from where the other labels were found, in units of AXIAL_VARIATION_MM (how

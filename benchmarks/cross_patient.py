@@ -45,6 +45,9 @@ from FewShotSegmentLib import pipeline, templates  # noqa: E402
 from FewShotSegmentLib.config import PipelineConfig  # noqa: E402
 from FewShotSegmentLib.metrics import dice, format_table  # noqa: E402
 
+# keys of cross_patient.json kept by hand, not computed here
+HISTORY_KEYS = ("development_variants", "earlier_default", "landmarks_development")
+
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = str(ROOT / ".cache" / "features")
 LIBRARY = hashlib.sha1(b"".join(p.read_bytes() for p in sorted((ROOT / "FewShotSegmentLib").rglob("*.py")))).hexdigest()[:12]
@@ -296,7 +299,12 @@ def main(argv=None):
     command = "python benchmarks/cross_patient.py " + " ".join(sys.argv[1:])
     payload = {**summary[first], "variant": first, "variants": summary, "commit": git_commit(),
                "command": command, "minutes": round(minutes, 1), "config": default_config}
-    Path(args.out).with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    out_json = Path(args.out).with_suffix(".json")
+    # the history written by hand (earlier defaults, development variants) survives a rerun
+    if out_json.exists():
+        previous = json.loads(out_json.read_text())
+        payload.update({key: value for key, value in previous.items() if key in HISTORY_KEYS})
+    out_json.write_text(json.dumps(payload, indent=2))
     lines = ["# Across patients: the standard CHAOS-MRI few-shot protocol", "",
              f"- date: {time.strftime('%Y-%m-%d %H:%M')}; commit: {git_commit()}; command: `{command}`; "
              f"{minutes:.1f} min on this machine (runs reused from {Path(args.out).name}.runs.jsonl cost nothing)",
