@@ -69,7 +69,8 @@ def _config_args(parser):
     g.add_argument("--keep-components", type=int, default=0, help="components kept per label (0: by name)")
     g.add_argument("--no-landmarks", action="store_true")
     g.add_argument("--location", choices=LOCATIONS, default=PipelineConfig.location,
-                   help="body-relative position as adapter input (off, inplane, 3d)")
+                   help="body-relative position as adapter input (off, inplane, 3d); auto: inplane for "
+                        "'train' (an adapter for other patients), off for 'run' (the painted volume)")
     g.add_argument("--location-prior", type=float, default=PipelineConfig.location_prior,
                    help="weight of where the template had each label when choosing between labels (0: off)")
     g.add_argument("--self-support", type=float, default=PipelineConfig.self_support, help=SELF_SUPPORT_HELP)

@@ -16,7 +16,7 @@ REFINEMENTS = ("none", "box", "points")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
-LOCATIONS = ("off", "inplane", "3d")
+LOCATIONS = ("auto", "off", "inplane", "3d")
 
 
 @dataclass
@@ -60,8 +60,8 @@ class PipelineConfig:
     # and optimizer stay float32): a contrastive step 5.4-7.8 ms instead of 15.5 (AMD EPYC, one
     # thread). It trains a different adapter: one slice per organ (benchmarks/one_volume.py), CHAOS
     # mean Dice 0.905 -> 0.905, demo CT 0.872 -> 0.905 (spleen 0.73 -> 0.86), every organ within
-    # 0.02 otherwise; across patients (benchmarks/cross_patient.py) 0.764 -> 0.750 with one support
-    # patient, 0.876 -> 0.867 with four
+    # 0.02 otherwise; across patients (benchmarks/results/cross_patient.md, one support patient,
+    # location off) 0.809 -> 0.805 within range, within what a seed moves
     train_bf16: bool = True
     # propagation scores pixels on a grid of this many feature cells and interpolates between them
     score_stride_cells: float = 0.5
@@ -86,10 +86,12 @@ class PipelineConfig:
     # at least this Dice (a ring or a nested structure is not: SAM fills it)
     refine_min_dice: float = 0.75
     # where a pixel lies in the body (location.py) as adapter input: "off", "inplane" (right-left
-    # and anterior-posterior relative to the body outline), "3d" (and along the scan). Off by
-    # default: across patients it added 0.02 Dice, but on a volume painted on one slice per organ
-    # it moved organs by up to 0.05 either way (benchmarks/results/cross_patient.md)
-    location: str = "off"
+    # and anterior-posterior relative to the body outline), "3d" (and along the scan), or "auto":
+    # "inplane" for an adapter trained to label other volumes (the "train" task), "off" for one
+    # that labels the volume it was painted on (the "run" task; resolve_location): there the
+    # painting anchors every label, and "inplane" moved organs by up to 0.05 either way on a
+    # volume painted on one slice per organ. Across patients see benchmarks/results/cross_patient.md
+    location: str = "auto"
     # on a volume without painting (another patient), the label scores are weighted by how near
     # each pixel lies to where the template had the label (propagation.LocationPrior; the exponent of
     # that weight; 0 disables)
@@ -137,3 +139,11 @@ class PipelineConfig:
         if unknown:
             raise InputError(f"unknown config keys {unknown}; known: {sorted(known)}")
         return cls(**values).validate()
+
+
+def resolve_location(location: str, for_other_volumes: bool) -> str:
+    """The location mode an adapter is trained with: "auto" becomes "inplane" when the adapter
+    will label volumes nobody painted (other patients), "off" when it labels its painted volume."""
+    if location != "auto":
+        return location
+    return "inplane" if for_other_volumes else "off"

@@ -23,7 +23,6 @@ import torch
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from .config import LOCATIONS as MODES
 from .errors import InputError
 
 # how far (in body-relative units) an organ's place differs from one patient to the next, added to
@@ -130,8 +129,8 @@ class LocatedFeatures:
     the adapters see when ``PipelineConfig.location`` is on. Everything else is delegated."""
 
     def __init__(self, features, frame: BodyFrame, axis: str, mode: str):
-        if mode not in MODES[1:]:
-            raise InputError(f"location must be one of {MODES}, got {mode!r}")
+        if mode not in ("inplane", "3d"):
+            raise InputError(f"location must be 'inplane' or '3d' here, got {mode!r}")
         self.base, self.frame_of_body, self.axis, self.mode = features, frame, axis, mode
 
     def __getattr__(self, name):

@@ -23,7 +23,7 @@ from .adapters import Adapter, adapter_from_state, create_adapter, sample_traini
 from .acceleration import resolve_precision
 from .adapters.base import TrainingPixels
 from .backbones import Backbone, build_backbone, pick_device
-from .config import ANATOMICAL_AXES, PipelineConfig
+from .config import ANATOMICAL_AXES, PipelineConfig, resolve_location
 from .errors import CheckpointError, InputError
 from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, volume_from_slices
 from .guidance import label_reach, suggest_slices
@@ -82,8 +82,18 @@ class TrainedModel:
     # propagation axis}, for labels painted on enough slices to place their centre (postprocess.
     # axial_centre): on other volumes a component is checked against where the others were found
     axial_offsets_mm: dict[int, dict[int, float]] = field(default_factory=dict)
+    # label value -> a low estimate of the organ's volume (mm^3): its median painted cross-section
+    # times the span of its painted slices, for labels painted on enough slices to have a span
+    # (postprocess.AXIAL_MIN_SLICES): on other volumes a fragment far smaller is not the organ
+    volumes_mm3: dict[int, float] = field(default_factory=dict)
     train_seconds: float = 0.0
     encode_seconds: float = 0.0      # painted slices encoded on demand while training
+
+    def __post_init__(self):
+        # train_many resolves location "auto"; an adapter put together otherwise was given no
+        # location channels, so its features are the encoder's alone
+        if self.config.location == "auto":
+            self.config = dataclasses.replace(self.config, location="off")
 
     def save(self, path, overwrite: bool = False) -> Path:
         path = Path(path)
@@ -102,6 +112,7 @@ class TrainedModel:
             "descriptors": {str(v): [float(x) for x in d] for v, d in self.descriptors.items()},
             "axial_offsets_mm": {str(v): {str(a): float(mm) for a, mm in row.items()}
                                  for v, row in self.axial_offsets_mm.items()},
+            "volumes_mm3": {str(v): float(mm3) for v, mm3 in self.volumes_mm3.items()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -133,7 +144,8 @@ class TrainedModel:
                        descriptors={int(v): [float(x) for x in d]
                                     for v, d in (payload.get("descriptors") or {}).items()},
                        axial_offsets_mm={int(v): {int(a): float(mm) for a, mm in row.items()}
-                                         for v, row in (payload.get("axial_offsets_mm") or {}).items()})
+                                         for v, row in (payload.get("axial_offsets_mm") or {}).items()},
+                       volumes_mm3={int(v): float(mm3) for v, mm3 in (payload.get("volumes_mm3") or {}).items()})
         except (KeyError, TypeError, RuntimeError, InputError) as exc:
             raise CheckpointError(f"adapter file {path} is incomplete or from another version: {exc}") from None
 
@@ -256,9 +268,12 @@ def resolve_axis(axis: str, image: sitk.Image, template: sitk.Image | None = Non
     return next(name for name in (stack,) + ANATOMICAL_AXES if counts[name] == fewest)
 
 
-def resolved(config: PipelineConfig, image: sitk.Image, template: sitk.Image | None = None) -> PipelineConfig:
-    """A copy of ``config`` whose axis is an anatomical one (see resolve_axis)."""
-    return PipelineConfig.from_dict({**config.to_dict(), "axis": resolve_axis(config.axis, image, template)})
+def resolved(config: PipelineConfig, image: sitk.Image, template: sitk.Image | None = None,
+             for_other_volumes: bool = False) -> PipelineConfig:
+    """A copy of ``config`` whose axis is an anatomical one (see resolve_axis) and whose location
+    mode is not "auto" (config.resolve_location): the settings a training depends on."""
+    return PipelineConfig.from_dict({**config.to_dict(), "axis": resolve_axis(config.axis, image, template),
+                                     "location": resolve_location(config.location, for_other_volumes)})
 
 
 def check_image(image: sitk.Image) -> None:
@@ -322,11 +337,14 @@ def template_labels(template: sitk.Image, image: sitk.Image, labels: dict | None
 
 def train(prepared: PreparedVolume, template: sitk.Image, config: PipelineConfig, labels: dict | None = None,
           backbone_id: str = "", progress: Progress = _noop,
-          cancel: Callable[[], bool] | None = None, warm_start: TrainedModel | None = None) -> TrainedModel:
+          cancel: Callable[[], bool] | None = None, warm_start: TrainedModel | None = None,
+          for_other_volumes: bool = False) -> TrainedModel:
     """Train the configured adapter on the template's painted slices of ``prepared``.
     ``warm_start``: a model trained earlier on this volume (same adapter kind and labels) whose
-    weights the training starts from; ignored when it does not fit."""
-    return train_many([(prepared, template, labels)], config, backbone_id, progress, cancel, warm_start)
+    weights the training starts from; ignored when it does not fit. ``for_other_volumes``: the
+    adapter is for volumes without painting (other patients; see config.resolve_location)."""
+    return train_many([(prepared, template, labels)], config, backbone_id, progress, cancel, warm_start,
+                      for_other_volumes)
 
 
 def match_labels(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]]) -> list[tuple[list[int], dict]]:
@@ -352,11 +370,13 @@ def match_labels(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]])
 
 def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], config: PipelineConfig,
                backbone_id: str = "", progress: Progress = _noop, cancel: Callable[[], bool] | None = None,
-               warm_start: TrainedModel | None = None) -> TrainedModel:
+               warm_start: TrainedModel | None = None, for_other_volumes: bool = False) -> TrainedModel:
     """One adapter from the painted slices of one or several volumes: ``examples`` are
     (prepared volume, template on its grid, labels or None). Labels are matched by name
     (match_labels); every volume contributes as many training pixels of each label (the smallest
-    volume's count), so a volume painted on more slices does not outweigh the others."""
+    volume's count), so a volume painted on more slices does not outweigh the others.
+    ``for_other_volumes``: the adapter will label volumes nobody painted, which decides
+    location="auto" (config.resolve_location); the model keeps the resolved mode."""
     if not examples:
         raise InputError("no template given")
     axes = {prepared.axis for prepared, _, _ in examples}
@@ -366,9 +386,10 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
     if len(modalities) > 1:
         raise InputError(f"the template volumes mix modalities {sorted(modalities)}: train one adapter per modality")
     matched = match_labels(examples)
-    config = PipelineConfig.from_dict({**config.to_dict(), "axis": examples[0][0].axis})
+    config = PipelineConfig.from_dict({**config.to_dict(), "axis": examples[0][0].axis,
+                                       "location": resolve_location(config.location, for_other_volumes)})
     rng = np.random.default_rng(config.seed)
-    per_volume, positions, areas, index_maps, centres = [], {}, {}, [], []
+    per_volume, positions, areas, index_maps, centres, spans = [], {}, {}, [], [], []
     for (prepared, template, _), (values, _) in zip(examples, matched):
         index_map = _to_index(prepared.to_slices(template), values)
         index_maps.append(index_map)
@@ -382,6 +403,7 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
                                                  config.negative_margin_px, rng, config.negative_margin_fraction))
         pixel_mm2 = prepared.pixel_area_mm2
         centres.append(painted_centres_mm(index_map, len(values), prepared.slice_spacing_mm))
+        spans.append(painted_spans_mm(index_map, len(values), prepared.slice_spacing_mm))
         for k in range(1, len(values) + 1):
             positions.setdefault(k, []).append(_label_positions(prepared, index_map, template_slices, k, rng))
             counts = (index_map[template_slices] == k).reshape(len(template_slices), -1).sum(1)
@@ -415,21 +437,35 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
                for a in range(1, len(values) + 1) if a != k and any(k in c and a in c for c in centres)}
         if row:
             offsets[value] = row
+    volumes = {value: areas_mm2[value] * float(np.mean([s[k] for s in spans if k in s]))
+               for k, value in enumerate(values, start=1) if any(k in s for s in spans)}
     return TrainedModel(adapter, config, values, meta, backbone_id, locations, examples[0][0].modality, areas_mm2,
-                        descriptors, offsets)
+                        descriptors, offsets, volumes)
 
 
-def painted_centres_mm(index_map: np.ndarray, n_labels: int, spacing_mm: float) -> dict[int, float]:
-    """Label k -> the centre (mm along the propagation axis) of the slices it is painted on, for
-    labels painted on at least AXIAL_MIN_SLICES slices: painted across an organ (the protocol's
-    1/6, 1/2, 5/6), their middle is the organ's; one painted slice says nothing of where it lies."""
+def painted_extents(index_map: np.ndarray, n_labels: int) -> dict[int, tuple[int, int]]:
+    """Label k -> (first, last) slice it is painted on, for labels painted on at least
+    AXIAL_MIN_SLICES slices: painted across an organ (the protocol's 1/6, 1/2, 5/6), they tell
+    where the organ lies and how far it reaches; one painted slice says neither."""
     present = index_map.reshape(len(index_map), -1)
-    centres = {}
+    extents = {}
     for k in range(1, n_labels + 1):
         where = np.flatnonzero((present == k).any(1))
         if len(where) >= AXIAL_MIN_SLICES:
-            centres[k] = axial_centre(where.min(), where.max()) * spacing_mm
-    return centres
+            extents[k] = (int(where.min()), int(where.max()))
+    return extents
+
+
+def painted_centres_mm(index_map: np.ndarray, n_labels: int, spacing_mm: float) -> dict[int, float]:
+    """Label k -> the centre (mm along the propagation axis) of the slices it is painted on (painted_extents)."""
+    return {k: axial_centre(first, last) * spacing_mm
+            for k, (first, last) in painted_extents(index_map, n_labels).items()}
+
+
+def painted_spans_mm(index_map: np.ndarray, n_labels: int, spacing_mm: float) -> dict[int, float]:
+    """Label k -> mm from its first to its last painted slice (painted_extents)."""
+    return {k: float(last - first) * spacing_mm
+            for k, (first, last) in painted_extents(index_map, n_labels).items()}
 
 
 def _label_descriptor(prepared: PreparedVolume, index_map: np.ndarray, k: int) -> torch.Tensor:
@@ -720,8 +756,10 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
     def choose(k, value, anchors=None):
         expected = model.locations.get(value)
         area = model.areas_mm2.get(value, 0.0) / prepared.pixel_area_mm2
+        voxels = model.volumes_mm3.get(value, 0.0) / (prepared.pixel_area_mm2 * prepared.slice_spacing_mm)
         return choose_components(volume == k, conf, keep[k], config.min_component_voxels,
-                                 prepared.body_position if expected else None, expected, area, slice_axis, anchors)
+                                 prepared.body_position if expected else None, expected, area, slice_axis, anchors,
+                                 voxels)
 
     chosen = {k: choose(k, value) for k, value in enumerate(model.label_values, start=1)}
     # then each label again, from where the others were found (the template's order along the scan)
@@ -767,12 +805,16 @@ def run(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels:
 
 def fit(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels: dict | None = None,
         progress: Progress = _noop, cancel: Callable[[], bool] | None = None, session=None,
-        more: list[tuple[sitk.Image, sitk.Image, dict | None]] = ()) -> tuple[TrainedModel, PreparedVolume]:
-    """The adapter of a run (see run), and the prepared first volume."""
+        more: list[tuple[sitk.Image, sitk.Image, dict | None]] = (),
+        for_other_volumes: bool = False) -> tuple[TrainedModel, PreparedVolume]:
+    """The adapter of a run (see run), and the prepared first volume. ``for_other_volumes``: the
+    adapter is trained to label other volumes (the "train" task; train_many)."""
     examples = [(image, template, labels)] + list(more)
     for other, other_template, other_labels in examples:   # bad templates fail before the slow encoding
         template_labels(other_template, other, other_labels)
-    config = resolved(config.validate(), image, template)
+    # location resolved here too, not only in train_many: the session's warm start compares this
+    # config with the model's
+    config = resolved(config.validate(), image, template, for_other_volumes)
     backbone = _backbone(config, session)
     share = 0.55 / len(examples)
     # on demand: training reads the painted slices, propagation the slices the painting reaches
@@ -783,7 +825,8 @@ def fit(image: sitk.Image, template: sitk.Image, config: PipelineConfig, labels:
     painting = session.painting_key(template) if session is not None and not more else ""
     previous = session.previous_model(prepared[0], config, painting) if painting else None
     model = train_many([(p, t, lab) for p, (_, t, lab) in zip(prepared, examples)], config, backbone.id,
-                       lambda f, s, m: progress(0.55 + 0.05 * f, s, m), cancel, warm_start=previous)
+                       lambda f, s, m: progress(0.55 + 0.05 * f, s, m), cancel, warm_start=previous,
+                       for_other_volumes=for_other_volumes)
     if painting:
         session.remember_model(prepared[0], model, painting)
     model.encode_seconds = sum(p.features.encoder_seconds for p in prepared) - encoded

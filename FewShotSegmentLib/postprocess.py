@@ -183,6 +183,13 @@ STRONG_CONFIDENCE = 0.8      # painted volume, unknown names: unseeded component
 # the area: spleens differ that much (CHAOS P3's has 2-6x the others' volume; with 0.5 its adapter found
 # no spleen on 3 of 4 patients, though on two the best component was the spleen)
 MIN_AREA_FRACTION = 0.25
+# ...and when it has at least this fraction of the template's low estimate of the organ's volume
+# (median painted cross-section x painted span; pipeline.TrainedModel.volumes_mm3, some half of
+# the organ when painted by the protocol): organs differ up to some 6x between adults. Set after
+# looking at one case: in a scan that ends above the kidneys, an adapter with location input
+# took the spleen's lower pole (0.07 of the estimate), then a blob outside every organ (0.12), for a left
+# kidney; the organs kept over the 20 development pairs had 0.18 and more (0.29 and more where Dice > 0.2)
+MIN_VOLUME_FRACTION = 0.15
 # Along the scan: where labels were painted on at least AXIAL_MIN_SLICES slices, the template says
 # how far apart their centres lie (the spleen's some 2-7 cm above the left kidney's); a component
 # is compared with that from where the other labels were found, in units of AXIAL_VARIATION_MM (how
@@ -229,8 +236,8 @@ def component_evidence(components: np.ndarray, index, confidence: np.ndarray | N
 
 def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int = 1, min_voxels: int = 20,
                       position=None, expected=None, painted_area: float = 0.0,
-                      slice_axis: int = 0, anchors: list[tuple[float, float, float]] | None = None
-                      ) -> tuple[np.ndarray, list[dict]]:
+                      slice_axis: int = 0, anchors: list[tuple[float, float, float]] | None = None,
+                      painted_volume: float = 0.0) -> tuple[np.ndarray, list[dict]]:
     """On a volume without painting: keep the ``keep`` components of a label's (z, y, x) mask that
     the evidence supports best (component_evidence), never simply the largest; none when no
     component is convincing (the label is then "not found"). ``painted_area``: the label's median
@@ -238,6 +245,8 @@ def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int
     a component's largest cross-section along ``slice_axis`` must reach MIN_AREA_FRACTION of it.
     ``anchors``: where the other labels were found along ``slice_axis`` and where the template
     puts this one from them (axial_distance); that distance joins the in-plane one.
+    ``painted_volume``: the template's low estimate of the organ's volume in this volume's voxels
+    (0: not checked); a component must reach MIN_VOLUME_FRACTION of it.
     Returns (mask, evidence of the kept)."""
     mask = np.asarray(mask, bool)
     components, count, box = components_in_box(mask)
@@ -267,6 +276,10 @@ def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int
             inside = np.moveaxis(components[extent] == e["component"], slice_axis, 0)
             e["area_fraction"] = round(float(inside.reshape(len(inside), -1).sum(1).max()) / painted_area, 3)
         candidates = [e for e in candidates if e["area_fraction"] >= MIN_AREA_FRACTION]
+    if painted_volume > 0:
+        for e in candidates:
+            e["volume_fraction"] = round(e["voxels"] / painted_volume, 3)
+        candidates = [e for e in candidates if e["volume_fraction"] >= MIN_VOLUME_FRACTION]
     kept = sorted(candidates, key=lambda e: (-e["score"], e["component"]))[:keep]
     return _in_full(np.isin(components, [e["component"] for e in kept]), box, mask.shape), kept
 

@@ -64,7 +64,8 @@ def execute(job: dict, progress: pipeline.Progress = pipeline._noop,
             more.append((other, other_template, other_labels))
             _check(cancel, "reading the templates")
         if task == "train":
-            model, _ = pipeline.fit(image, template, config, labels, progress, cancel, session, more)
+            model, _ = pipeline.fit(image, template, config, labels, progress, cancel, session, more,
+                                    for_other_volumes=True)
             prediction = None
         else:
             model, prediction = pipeline.run(image, template, config, labels, progress, cancel, session=session,

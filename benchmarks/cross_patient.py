@@ -1,7 +1,7 @@
 """Across patients on the standard CHAOS-MRI few-shot protocol (issue 6).
 
     .venv/bin/python benchmarks/cross_patient.py                          # default config, all parts
-    .venv/bin/python benchmarks/cross_patient.py --variant location=off --variant location=inplane
+    .venv/bin/python benchmarks/cross_patient.py --variant location=off --variant location=3d
     .venv/bin/python benchmarks/cross_patient.py --parts one --variant location=3d --no-report
 
 Parts (the five development patients of ../shared/data/chaos_mri):
@@ -155,7 +155,7 @@ class Runner:
                 examples.append((patients.prepared(s), patients.image_of(s, array), LABELS))
             else:
                 examples.append((patients.prepared(s), patients.protocol_template(s)[0], LABELS))
-        model = pipeline.train_many(examples, config, patients.backbone.id)
+        model = pipeline.train_many(examples, config, patients.backbone.id, for_other_volumes=True)
         train_s = time.perf_counter() - start
         for q in queries:
             start = time.perf_counter()

@@ -71,10 +71,11 @@ def test_cross_patient_mri_from_patient_1_to_patient_2(tmp_path, capsys, shared_
     scores = per_label_scores(sitk.GetArrayFromImage(io.read_labelmap(outputs["labels"], image)), reference,
                               [1, 2, 3, 4])
     dice = {k: round(v["dice"], 3) for k, v in scores.items()}
-    # measured 1 -> 2 with the location prior and components chosen by evidence (issue 6): liver
-    # 0.765, right kidney 0.908 (lost before: 0.00), left kidney 0.909, spleen 0.564 (0.72 before:
-    # painted on one slice, the spleen's place is known too narrowly)
-    assert dice[1] >= 0.71 and dice[2] >= 0.86 and dice[3] >= 0.86 and dice[4] >= 0.51, dice
+    # measured 1 -> 2 (AMD EPYC) with the adapter for other patients seeing where each pixel lies
+    # in the body (location "auto" -> inplane): liver 0.767, right kidney 0.936, left kidney 0.885,
+    # spleen 0.581 (location off: 0.765, 0.908, 0.909, 0.564; the right kidney was lost, 0.00, before
+    # components were chosen by evidence). Painted on one slice, the spleen's place is known too narrowly.
+    assert dice[1] >= 0.72 and dice[2] >= 0.88 and dice[3] >= 0.83 and dice[4] >= 0.53, dice
     points = io.read_markups_json(outputs["landmarks"])
     assert {p["label"] for p in points} >= {"liver", "kidney_left", "spleen"}
     # nothing is overwritten without --overwrite

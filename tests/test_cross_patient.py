@@ -3,7 +3,7 @@ slices of one CHAOS patient (or of two) labels another patient; an organ that is
 is reported "not found"; templates that disagree and a volume of another modality are refused
 with a one-line message.
 
-Floors sit 0.05 below what this test measured (default settings, seed 0): see FLOORS;
+Floors sit below what this test measured (default settings, seed 0): see FLOORS;
 benchmarks/results/cross_patient.md has all 20 pairs.
 """
 import json
@@ -19,18 +19,20 @@ from FewShotSegmentLib.metrics import dice
 
 ORGANS = {1: "liver", 2: "kidney_right", 3: "kidney_left", 4: "spleen"}
 LABEL_ARGS = [f"{v}={name}" for v, name in ORGANS.items()]
-# Dice within each organ's slice range on P2 (the protocol's convention): 0.05 below the lower of
-# two machines. The adapter's training is one-threaded and seeded, yet it is not the same on every
-# CPU: the matmul kernels (AMX on an Intel machine, AVX512-BF16 on an AMD one) sum in another order,
-# and across patients that moved the left kidney by 0.08 and, with two supports, the spleen by 0.29
-# (the same on the AMD machine in fp32). Listed: liver, kidney_right, kidney_left, spleen.
+# Dice within each organ's slice range on P2 (the protocol's convention). The adapter's training is
+# one-threaded and seeded, yet it is not the same on every CPU: the matmul kernels (AMX on an Intel
+# machine, AVX512-BF16 on an AMD one) sum in another order, and across patients that moved the left
+# kidney by 0.08 and, with two supports, the spleen by 0.29 (location off). With location "auto"
+# (inplane for these adapters) only the AMD machine was measured, so the floors sit 0.08 below it (the
+# largest one-support move between the two CPU kinds), the two-support spleen 0.06 below.
+# Listed: liver, kidney_right, kidney_left, spleen.
 FLOORS = {
-    # Intel AMX 0.902, 0.798, 0.849, 0.818; AMD 0.895, 0.825, 0.774, 0.826
-    "P1->P2": {"liver": 0.85, "kidney_right": 0.75, "kidney_left": 0.72, "spleen": 0.77},
-    # Intel AMX 0.869, 0.935, 0.869, 0.873; AMD 0.878, 0.933, 0.868, 0.581
-    "P1+P3->P2": {"liver": 0.82, "kidney_right": 0.88, "kidney_left": 0.82, "spleen": 0.53},
-    # --self-support 0.5, AMD 0.896, 0.906, 0.820, 0.829 (the right kidney above the default's 0.838)
-    "P1->P2 self-support": {"liver": 0.84, "kidney_right": 0.85, "kidney_left": 0.77, "spleen": 0.77},
+    # AMD 0.890, 0.933, 0.906, 0.766 (location off: Intel 0.902, 0.798, 0.849, 0.818; AMD 0.895, 0.825, 0.774, 0.826)
+    "P1->P2": {"liver": 0.81, "kidney_right": 0.85, "kidney_left": 0.82, "spleen": 0.68},
+    # AMD 0.885, 0.939, 0.909, 0.591 (location off: Intel spleen 0.873, AMD 0.581)
+    "P1+P3->P2": {"liver": 0.80, "kidney_right": 0.86, "kidney_left": 0.83, "spleen": 0.53},
+    # --self-support 0.5, AMD 0.890, 0.938, 0.905, 0.765
+    "P1->P2 self-support": {"liver": 0.81, "kidney_right": 0.85, "kidney_left": 0.82, "spleen": 0.68},
 }
 
 
@@ -98,7 +100,11 @@ def test_cross_patient_every_organ_including_the_right_kidney(chaos, one_support
     _check_floors(chaos, one_support, "P1->P2", capsys)
     # the protocol paints each organ on 3+ slices: the adapter knows their order along the scan
     # (the spleen's centre above the left kidney's, LPS z to superior) and the choice used it
-    offsets = TrainedModel.load(one_support).axial_offsets_mm
+    model = TrainedModel.load(one_support)
+    offsets = model.axial_offsets_mm
+    # an adapter trained for other patients sees where each pixel lies in the body (location "auto"),
+    # and knows roughly how large each organ painted across its slices is
+    assert model.config.location == "inplane" and set(model.volumes_mm3) == set(ORGANS)
     assert set(offsets) == set(ORGANS) and offsets[4][3] > 0 and offsets[3][4] == -offsets[4][3]
     summary = json.loads((chaos["root"] / "P1-P2" / "summary.json").read_text())
     assert all("axial_distance" in kept[0] for kept in summary["components"].values())

@@ -4,9 +4,9 @@ import pytest
 import SimpleITK as sitk
 
 from FewShotSegmentLib import location, pipeline
-from FewShotSegmentLib.config import PipelineConfig
+from FewShotSegmentLib.config import PipelineConfig, resolve_location
 from FewShotSegmentLib.errors import InputError
-from FewShotSegmentLib.postprocess import choose_components, is_known_organ, strong_components
+from FewShotSegmentLib.postprocess import MIN_VOLUME_FRACTION, choose_components, is_known_organ, strong_components
 
 
 def _phantom():
@@ -75,6 +75,16 @@ def test_located_features_append_channels_on_every_axis():
         location.LocatedFeatures(Base(), frame, "axial", "sideways")
     with pytest.raises(InputError, match="location must be one of"):
         PipelineConfig(location="sideways").validate()
+    with pytest.raises(InputError, match="'inplane' or '3d'"):
+        location.LocatedFeatures(Base(), frame, "axial", "auto")
+
+
+def test_auto_location_is_on_only_for_an_adapter_meant_for_other_volumes():
+    assert PipelineConfig().location == "auto"
+    assert resolve_location("auto", for_other_volumes=True) == "inplane"
+    assert resolve_location("auto", for_other_volumes=False) == "off"
+    for mode in ("off", "inplane", "3d"):          # a mode the user chose is kept either way
+        assert resolve_location(mode, True) == resolve_location(mode, False) == mode
 
 
 def _two_blobs():
@@ -111,6 +121,16 @@ def test_no_convincing_component_means_not_found():
     weak = np.where(mask, 140, 0).astype(np.uint8)    # 0.55: barely above the adapter's threshold
     kept, _ = choose_components(mask, weak, 1, 20)
     assert not kept.any()
+
+
+def test_a_fragment_far_smaller_than_the_painted_organ_is_not_it():
+    mask, confidence = _two_blobs()
+    expected = (-0.5, -0.5, 0.1, 0.1)          # at the small blob's place (600 voxels)
+    organ = 600 / MIN_VOLUME_FRACTION          # the template's estimate: the blob is just big enough
+    kept, evidence = choose_components(mask, confidence, 1, 20, _position, expected, painted_volume=organ)
+    assert kept[4, 10, 10] and evidence[0]["volume_fraction"] == pytest.approx(MIN_VOLUME_FRACTION)
+    kept, evidence = choose_components(mask, confidence, 1, 20, _position, expected, painted_volume=organ * 1.1)
+    assert not kept[4, 10, 10] and all(e["voxels"] != 600 for e in evidence)
 
 
 def test_unknown_labels_keep_strong_unpainted_components():
