@@ -401,13 +401,20 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
         per_volume.append(sample_training_pixels(prepared.adapter_features(config.location), index_map,
                                                  template_slices, config.samples_per_label,
                                                  config.negative_margin_px, rng, config.negative_margin_fraction))
-        pixel_mm2 = prepared.pixel_area_mm2
-        centres.append(painted_centres_mm(index_map, len(values), prepared.slice_spacing_mm))
-        spans.append(painted_spans_mm(index_map, len(values), prepared.slice_spacing_mm))
+        pixel_mm2, spacing = prepared.pixel_area_mm2, prepared.slice_spacing_mm
+        centre, span = {}, {}
         for k in range(1, len(values) + 1):
             positions.setdefault(k, []).append(_label_positions(prepared, index_map, template_slices, k, rng))
             counts = (index_map[template_slices] == k).reshape(len(template_slices), -1).sum(1)
             areas.setdefault(k, []).extend((counts[counts > 0] * pixel_mm2).tolist())
+            # painted across an organ (the protocol's 1/6, 1/2, 5/6), its slices tell where the organ
+            # lies (mm along the propagation axis) and how far it reaches; one painted slice says neither
+            on = np.asarray(template_slices)[counts > 0]
+            if len(on) >= AXIAL_MIN_SLICES:
+                centre[k] = axial_centre(on.min(), on.max()) * spacing
+                span[k] = float(on.max() - on.min()) * spacing
+        centres.append(centre)
+        spans.append(span)
     pixels = balance_pixels(per_volume, rng)
     values, meta = matched[0]
     options = {"basic": dict(threshold=config.threshold, center_features=config.center_features),
@@ -441,31 +448,6 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
                for k, value in enumerate(values, start=1) if any(k in s for s in spans)}
     return TrainedModel(adapter, config, values, meta, backbone_id, locations, examples[0][0].modality, areas_mm2,
                         descriptors, offsets, volumes)
-
-
-def painted_extents(index_map: np.ndarray, n_labels: int) -> dict[int, tuple[int, int]]:
-    """Label k -> (first, last) slice it is painted on, for labels painted on at least
-    AXIAL_MIN_SLICES slices: painted across an organ (the protocol's 1/6, 1/2, 5/6), they tell
-    where the organ lies and how far it reaches; one painted slice says neither."""
-    present = index_map.reshape(len(index_map), -1)
-    extents = {}
-    for k in range(1, n_labels + 1):
-        where = np.flatnonzero((present == k).any(1))
-        if len(where) >= AXIAL_MIN_SLICES:
-            extents[k] = (int(where.min()), int(where.max()))
-    return extents
-
-
-def painted_centres_mm(index_map: np.ndarray, n_labels: int, spacing_mm: float) -> dict[int, float]:
-    """Label k -> the centre (mm along the propagation axis) of the slices it is painted on (painted_extents)."""
-    return {k: axial_centre(first, last) * spacing_mm
-            for k, (first, last) in painted_extents(index_map, n_labels).items()}
-
-
-def painted_spans_mm(index_map: np.ndarray, n_labels: int, spacing_mm: float) -> dict[int, float]:
-    """Label k -> mm from its first to its last painted slice (painted_extents)."""
-    return {k: float(last - first) * spacing_mm
-            for k, (first, last) in painted_extents(index_map, n_labels).items()}
 
 
 def _label_descriptor(prepared: PreparedVolume, index_map: np.ndarray, k: int) -> torch.Tensor:
