@@ -19,6 +19,8 @@ Job keys:
     image:       path of the volume (.nrrd, .nii.gz, .mha, or a DICOM folder)      [run, train, predict]
     template:    path of a label map with the same geometry as image; non-zero voxels on one or a
                  few slices are the painted templates, each value one label           [run, train]
+                 [predict: optional, the painting of image the adapter was trained on: it anchors
+                 the clean-up as in run (a re-propagation reusing the run's adapter)]
     labels:      optional {"<value>": {"name": str, "color": [r, g, b] in 0..1}}
     more_templates: optional [{"image": path, "template": path, "labels": {...}}]: painted slices
                  of other volumes that train the same adapter; labels are matched by segment name

@@ -846,9 +846,12 @@ def _backbone_and_volume(image, config, progress, cancel, session):
 
 def predict(model: TrainedModel, image: sitk.Image, progress: Progress = _noop,
             cancel: Callable[[], bool] | None = None, overrides: dict | None = None,
-            session=None) -> Prediction:
+            session=None, template: sitk.Image | None = None) -> Prediction:
     """Apply a trained adapter to another volume (another patient, or a later scan).
-    ``overrides`` may change the RUNTIME_FIELDS; the others are the adapter's and are ignored."""
+    ``overrides`` may change the RUNTIME_FIELDS; the others are the adapter's and are ignored.
+    ``template``: the painting of ``image`` the adapter was trained on (a re-propagation that
+    reuses the adapter of a run): as in ``run`` it anchors the clean-up and comes back on its
+    slices exactly as painted; without it the volume is labelled as one never painted."""
     runtime = {k: v for k, v in (overrides or {}).items() if k in RUNTIME_FIELDS}
     config = PipelineConfig.from_dict({**model.config.to_dict(), **runtime})
     model = dataclasses.replace(model, config=config)
@@ -857,8 +860,13 @@ def predict(model: TrainedModel, image: sitk.Image, progress: Progress = _noop,
         raise CheckpointError(f"adapter was trained on features of {model.backbone_id}, "
                               f"but the configured backbone gives {backbone.id}")
     _check_modality(model, image, config)
+    if template is not None:
+        unknown = sorted(set(template_labels(template, image, None)[0]) - set(model.label_values))
+        if unknown:
+            raise InputError(f"the painting has label values {unknown} the adapter was not trained on "
+                             f"(it knows {model.label_values})")
     prepared = _prepare(image, config, backbone, progress, cancel, session)
-    return segment(model, prepared, None, progress, cancel)
+    return segment(model, prepared, template, progress, cancel)
 
 
 def _check_modality(model: TrainedModel, image: sitk.Image, config: PipelineConfig) -> None:

@@ -73,7 +73,10 @@ def execute(job: dict, progress: pipeline.Progress = pipeline._noop,
     else:
         model = pipeline.TrainedModel.load(job["model"])
         _check(cancel, "reading the adapter")
-        prediction = pipeline.predict(model, image, progress, cancel, overrides=job.get("config"), session=session)
+        # the painting the adapter was trained on, when it is reused on the painted volume
+        template = io.read_labelmap(job["template"], reference=image) if job.get("template") else None
+        prediction = pipeline.predict(model, image, progress, cancel, overrides=job.get("config"), session=session,
+                                      template=template)
 
     _check(cancel, "writing outputs")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,22 @@ def test_saved_adapter_gives_the_same_segmentation(ct, prepared, liver_run, tmp_
     np.testing.assert_array_equal(sitk.GetArrayFromImage(again.labels), sitk.GetArrayFromImage(prediction.labels))
 
 
+def test_reused_adapter_with_its_painting_gives_the_run_result(ct, liver_run, feature_cache):
+    """Propagate again with the painting unchanged (the Slicer module reuses the run's adapter as a
+    predict job): given the painting, predict anchors the clean-up as run did, so the result is the
+    run's; a painting with a label the adapter does not know is refused."""
+    image, _ = ct
+    model, prediction, template = liver_run
+    again = pipeline.predict(model, image, overrides={"cache_dir": feature_cache}, template=template)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(again.labels), sitk.GetArrayFromImage(prediction.labels))
+    unknown = sitk.GetArrayFromImage(template)
+    unknown[unknown.shape[0] // 2, :4, :4] = 7
+    unknown = sitk.GetImageFromArray(unknown)
+    unknown.CopyInformation(template)
+    with pytest.raises(InputError, match=r"label values \[7\] the adapter was not trained on"):
+        pipeline.predict(model, image, overrides={"cache_dir": feature_cache}, template=unknown)
+
+
 def test_corrupt_adapter_file_is_a_clear_error(tmp_path, liver_run):
     path = liver_run[0].save(tmp_path / "adapter.pt")
     data = path.read_bytes()

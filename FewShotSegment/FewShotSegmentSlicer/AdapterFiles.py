@@ -35,11 +35,14 @@ def defaultAdapterPath(volumeNode=None) -> str:
     return str(userCacheDir() / "adapters" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.pt")
 
 
-def trainingFingerprint(templateHash: str, config: dict) -> str:
-    """The painting's fingerprint combined with the settings that shape training."""
+def trainingFingerprint(templateHash: str, config: dict, task: str) -> str:
+    """The painting's fingerprint combined with the settings that shape training and the task that
+    trained it: a "train" adapter is made for other patients (it sees body position) and a "run"
+    adapter for the painted volume, so one never stands in for the other."""
     import hashlib
 
-    settings = json.dumps({name: str(config.get(name, "")) for name in TRAINING_SETTINGS}, sort_keys=True)
+    settings = json.dumps({"task": task, **{name: str(config.get(name, "")) for name in TRAINING_SETTINGS}},
+                          sort_keys=True)
     return hashlib.sha256((templateHash + settings).encode()).hexdigest()
 
 

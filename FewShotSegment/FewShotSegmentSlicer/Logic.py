@@ -126,7 +126,8 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
               config=None, outputName=None, keepModelAs=None, callback: Callable = None,
               preview=False, parameterNode=None, moreTemplates=None) -> FewShotJob:
         """Write the job and start the worker in the background; returns at once. Drive it with
-        poll() (or wait()), stop it with cancel(). task: "run", "train" or "predict". With preview=True
+        poll() (or wait()), stop it with cancel(). task: "run", "train" or "predict" (a templateSegmentation
+        given to "predict" is the painting the adapter was trained on: it anchors the result). With preview=True
         the result replaces the content of parameterNode's preview nodes (created when missing).
         moreTemplates: [(volume node, segmentation node)] of other patients whose painted slices
         train the same adapter ("run", "train"); their segments are matched by name."""
@@ -154,6 +155,10 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
             if task == "predict":
                 job["model"] = str(Path(modelPath).resolve())
                 labels = self.readAdapterLabels(modelPath)
+                if templateSegmentation is not None:
+                    templatePath = Path(tempDir) / "template.nrrd"
+                    MrmlConversion.exportTemplate(templateSegmentation, inputVolume, segmentIds, templatePath)
+                    job["template"] = str(templatePath)
             else:
                 templatePath = Path(tempDir) / "template.nrrd"
                 labels, paintingHash = MrmlConversion.exportTemplate(templateSegmentation, inputVolume,
@@ -167,7 +172,7 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
                         "template": str(otherTemplate),
                         "labels": {str(label.value): {"name": label.name} for label in otherLabels}})
                     paintingHash += otherHash
-                templateHash = AdapterFiles.trainingFingerprint(paintingHash, config)
+                templateHash = AdapterFiles.trainingFingerprint(paintingHash, config, task)
             if labels:
                 job["labels"] = {str(label.value): {"name": label.name, "color": [float(c) for c in label.color]}
                                  for label in labels}
@@ -457,9 +462,11 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
 
     def propagate(self, parameterNode, segmentIds=None, wait=False, callback=None):
         """The panel's Propagate: label the input volume into the preview segmentation (updated in
-        place). Uses the CURRENT painting: the last trained adapter is reused only while the painting
-        and the training settings are unchanged, or when the user chose to apply a saved adapter
-        (useAdapterFile). Returns the job (or its result with wait=True)."""
+        place). Uses the CURRENT painting: the adapter of the last Propagate is reused only while the
+        painting and the training settings are unchanged (and then with the painting, which anchors
+        the result as in a run; Train's adapter, made for other patients, is never reused here), or
+        when the user chose to apply a saved adapter (useAdapterFile). Returns the job (or its result
+        with wait=True)."""
         pn = parameterNode
         config = self.configFromParameterNode(pn)
         adapter = pathString(pn.adapterFile)
@@ -468,9 +475,10 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
             job = self.start("predict", pn.inputVolume, modelPath=adapter, **common)
         else:
             fingerprint = AdapterFiles.trainingFingerprint(
-                self.templateFingerprint(pn.templateSegmentation, pn.inputVolume, segmentIds), config)
+                self.templateFingerprint(pn.templateSegmentation, pn.inputVolume, segmentIds), config, "run")
             if adapter and Path(adapter).is_file() and pn.adapterTemplateHash == fingerprint:
-                job = self.start("predict", pn.inputVolume, modelPath=adapter, **common)
+                job = self.start("predict", pn.inputVolume, pn.templateSegmentation, segmentIds=segmentIds,
+                                 modelPath=adapter, **common)
                 job.templateHash = fingerprint
             else:
                 job = self.start("run", pn.inputVolume, pn.templateSegmentation, segmentIds=segmentIds,

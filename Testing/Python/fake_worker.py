@@ -37,6 +37,8 @@ class FakeWorker:
         out = Path(self.job["output_dir"])
         out.mkdir(parents=True, exist_ok=True)
         outputs = {}
+        if self.job.get("template"):  # kept: the job folder is gone when a test looks
+            self.painting = sitk.GetArrayFromImage(sitk.ReadImage(self.job["template"]))
         if self.task in ("run", "train"):
             template = sitk.ReadImage(self.job["template"])
             painted = sitk.GetArrayFromImage(template)

@@ -64,9 +64,11 @@ def test_propagate_updates_one_preview_in_place_and_follows_the_painting(fss, sc
         "ball", "blob"]
     nodesAfterFirst = dataNodes(scene.scene)
 
-    # painting unchanged: the trained adapter is reused, the SAME preview node is updated
+    # painting unchanged: the trained adapter is reused, with the painting (it anchors the result as
+    # in the run), and the SAME preview node is updated
     logic.propagate(pn, wait=True)
     assert runs[-1].task == "predict" and runs[-1].job["model"].endswith(".pt")
+    assert np.array_equal(runs[-1].painting > 0, before["blob"] | before["ball"])
     assert pn.previewSegmentation.GetID() == preview.GetID()
     assert dataNodes(scene.scene) == nodesAfterFirst
 
@@ -91,6 +93,19 @@ def test_propagate_updates_one_preview_in_place_and_follows_the_painting(fss, sc
     assert runs[-1].task == "predict"
     # the template itself was only read
     assert segmentArray(template, "ball", volume).sum() == before["ball"].sum()
+
+
+def test_train_adapter_for_other_patients_is_not_reused_by_propagate(fss, scene, logic, runs, tmp_path):
+    """Train's adapter is made for other patients (body position as input, no painting to anchor
+    it); Propagate on the painted volume trains its own even with the same painting and settings."""
+    pn = scene.pn
+    logic.train(pn.inputVolume, pn.templateSegmentation, modelPath=tmp_path / "adapter.pt", wait=True,
+                parameterNode=pn)
+    assert runs[-1].task == "train" and pn.adapterFile and pn.adapterTemplateHash
+    logic.propagate(pn, wait=True)
+    assert runs[-1].task == "run"
+    logic.propagate(pn, wait=True)          # now the run's adapter, painting unchanged: reused
+    assert runs[-1].task == "predict" and runs[-1].job.get("template")
 
 
 def test_accept_copies_into_new_or_chosen_segmentation_and_keeps_finished_segments(fss, scene, logic):
