@@ -12,8 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import (ADAPTERS, ANATOMICAL_AXES, AXES, COMPILE_MODES, DEVICES, LOCATIONS, PRECISIONS,
-                     REFINEMENTS, PipelineConfig)
+from .config import (ADAPTERS, ANATOMICAL_AXES, AXES, COMPILE_MODES, DEVICES, ENSEMBLE_FOR_OTHER_VOLUMES, LOCATIONS,
+                     PRECISIONS, REFINEMENTS, PipelineConfig)
 from .errors import Cancelled, FewShotError, InputError
 
 
@@ -74,6 +74,9 @@ def _config_args(parser):
     g.add_argument("--location-prior", type=float, default=PipelineConfig.location_prior,
                    help="weight of where the template had each label when choosing between labels (0: off)")
     g.add_argument("--self-support", type=float, default=PipelineConfig.self_support, help=SELF_SUPPORT_HELP)
+    g.add_argument("--ensemble", type=int, default=PipelineConfig.ensemble,
+                   help="adapters (seeds seed, seed+1, ...) whose scores are averaged; 0: auto, "
+                        f"{ENSEMBLE_FOR_OTHER_VOLUMES} for 'train' (an adapter for other patients), 1 for 'run'")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", choices=DEVICES, default="auto")
     _speed_args(g)
@@ -98,6 +101,7 @@ def _config(args) -> dict:
         adapter=args.adapter, axis=args.axis, refine=args.refine, sam_checkpoint=args.sam_checkpoint,
         keep_components=args.keep_components, landmarks=not args.no_landmarks, seed=args.seed,
         location=args.location, location_prior=args.location_prior, self_support=args.self_support,
+        ensemble=args.ensemble,
         device=args.device, precision=args.precision, compile=args.compile,
         cache_dir=args.cache_dir).validate().to_dict()
 

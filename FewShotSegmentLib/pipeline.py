@@ -19,11 +19,11 @@ import torch
 from scipy import ndimage
 
 from . import __version__
-from .adapters import Adapter, adapter_from_state, create_adapter, sample_training_pixels
+from .adapters import Adapter, EnsembleAdapter, adapter_from_state, create_adapter, sample_training_pixels
 from .acceleration import resolve_precision
 from .adapters.base import TrainingPixels
 from .backbones import Backbone, build_backbone, pick_device
-from .config import ANATOMICAL_AXES, PipelineConfig, resolve_location
+from .config import ANATOMICAL_AXES, PipelineConfig, resolve_ensemble, resolve_location
 from .errors import CheckpointError, InputError
 from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, volume_from_slices
 from .guidance import label_reach, suggest_slices
@@ -94,6 +94,8 @@ class TrainedModel:
         # location channels, so its features are the encoder's alone
         if self.config.location == "auto":
             self.config = dataclasses.replace(self.config, location="off")
+        if self.config.ensemble == 0:         # likewise: the adapter says how many it averages
+            self.config = dataclasses.replace(self.config, ensemble=len(getattr(self.adapter, "members", [0])))
 
     def save(self, path, overwrite: bool = False) -> Path:
         path = Path(path)
@@ -271,9 +273,11 @@ def resolve_axis(axis: str, image: sitk.Image, template: sitk.Image | None = Non
 def resolved(config: PipelineConfig, image: sitk.Image, template: sitk.Image | None = None,
              for_other_volumes: bool = False) -> PipelineConfig:
     """A copy of ``config`` whose axis is an anatomical one (see resolve_axis) and whose location
-    mode is not "auto" (config.resolve_location): the settings a training depends on."""
+    mode and ensemble size are not "auto" (config.resolve_location, resolve_ensemble): the
+    settings a training depends on."""
     return PipelineConfig.from_dict({**config.to_dict(), "axis": resolve_axis(config.axis, image, template),
-                                     "location": resolve_location(config.location, for_other_volumes)})
+                                     "location": resolve_location(config.location, for_other_volumes),
+                                     "ensemble": resolve_ensemble(config.ensemble, for_other_volumes)})
 
 
 def check_image(image: sitk.Image) -> None:
@@ -387,8 +391,13 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
         raise InputError(f"the template volumes mix modalities {sorted(modalities)}: train one adapter per modality")
     matched = match_labels(examples)
     config = PipelineConfig.from_dict({**config.to_dict(), "axis": examples[0][0].axis,
-                                       "location": resolve_location(config.location, for_other_volumes)})
+                                       "location": resolve_location(config.location, for_other_volumes),
+                                       "ensemble": resolve_ensemble(config.ensemble, for_other_volumes)})
     rng = np.random.default_rng(config.seed)
+    # each further adapter of an ensemble learns from its own draw of training pixels: which pixels
+    # are drawn moves an organ across patients more than the adapter's own seed does
+    member_rngs = [np.random.default_rng([config.seed, i]) for i in range(1, config.ensemble)]
+    member_volumes = [[] for _ in member_rngs]
     per_volume, positions, areas, index_maps, centres, spans = [], {}, {}, [], [], []
     for (prepared, template, _), (values, _) in zip(examples, matched):
         index_map = _to_index(prepared.to_slices(template), values)
@@ -398,9 +407,10 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
         if len(present) < len(values):
             raise InputError("a label has no template pixels along the chosen axis")
         prepared.features.ensure(template_slices)
-        per_volume.append(sample_training_pixels(prepared.adapter_features(config.location), index_map,
-                                                 template_slices, config.samples_per_label,
-                                                 config.negative_margin_px, rng, config.negative_margin_fraction))
+        for draws, draw_rng in zip([per_volume, *member_volumes], [rng, *member_rngs]):
+            draws.append(sample_training_pixels(prepared.adapter_features(config.location), index_map,
+                                                template_slices, config.samples_per_label,
+                                                config.negative_margin_px, draw_rng, config.negative_margin_fraction))
         pixel_mm2, spacing = prepared.pixel_area_mm2, prepared.slice_spacing_mm
         centre, span = {}, {}
         for k in range(1, len(values) + 1):
@@ -416,12 +426,17 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
         centres.append(centre)
         spans.append(span)
     pixels = balance_pixels(per_volume, rng)
+    if member_rngs:
+        pixels = [pixels, *(balance_pixels(draws, r) for draws, r in zip(member_volumes, member_rngs))]
     values, meta = matched[0]
     options = {"basic": dict(threshold=config.threshold, center_features=config.center_features),
                "classification": dict(epochs=config.epochs),
                "contrastive": dict(steps=config.steps, threshold=config.threshold,
                                    plateau_steps=config.plateau_steps)}[config.adapter]
-    adapter = create_adapter(config.adapter, seed=config.seed, **options)
+    def make(seed):
+        return create_adapter(config.adapter, seed=seed, **options)
+
+    adapter = make(config.seed) if config.ensemble == 1 else EnsembleAdapter.of(make, config.ensemble, config.seed)
     if warm_start is not None and warm_start.label_values == values:
         adapter.warm_start(warm_start.adapter)
     torch.manual_seed(config.seed)

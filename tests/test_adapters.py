@@ -169,3 +169,48 @@ def test_support_from_the_target_volume_finds_an_organ_that_looks_other_than_the
     torch.testing.assert_close(half.references[1], contrastive.references[1])    # no support given
     assert contrastive.references is not half.references
     np.testing.assert_array_equal(predict(contrastive.supported_by(target, 0.0), other), predict(contrastive, other))
+
+
+def test_ensemble_averages_its_members_and_survives_a_saved_file(synthetic, tmp_path):
+    """config.ensemble: adapters of seeds 0, 1, 2 trained on the same pixels; the scores are their
+    mean, the file (weights_only) brings back the same scores, and a cancel reaches every member."""
+    from FewShotSegmentLib.adapters import EnsembleAdapter
+    from FewShotSegmentLib.errors import Cancelled
+
+    vf, truth = synthetic
+    template = np.zeros_like(truth)
+    template[1] = truth[1]
+    pixels = sample_training_pixels(vf, template, [1], 300, rng=np.random.default_rng(0))
+    ensemble = EnsembleAdapter.of(lambda seed: create_adapter("contrastive", seed=seed, steps=100), 3, seed=0)
+    seen = []
+    ensemble.fit(pixels, progress=lambda f, m: seen.append((f, m)))
+    assert [m.seed for m in ensemble.members] == [0, 1, 2] and ensemble.n_labels == 2
+    assert seen[-1][0] > 2 / 3 and "adapter 3/3" in seen[-1][1]
+    members = [m.score_slice(vf, 2) for m in ensemble.members]
+    assert not torch.equal(members[0], members[1])                  # the seeds differ
+    torch.testing.assert_close(ensemble.score_slice(vf, 2), sum(members) / 3)
+    predicted = predict(ensemble, vf)
+    for label in (1, 2):
+        assert dice(predicted == label, truth == label) > 0.85, label
+    torch.save(ensemble.state(), tmp_path / "ensemble.pt")
+    restored = adapter_from_state(torch.load(tmp_path / "ensemble.pt", weights_only=True))
+    torch.testing.assert_close(restored.score_slice(vf, 2), ensemble.score_slice(vf, 2))
+
+    messages = []
+    again = EnsembleAdapter.of(lambda seed: create_adapter("contrastive", seed=seed, steps=100), 3, seed=0)
+    with pytest.raises(Cancelled):      # cancelled once the second member has begun
+        again.fit(pixels, progress=lambda f, m: messages.append(m),
+                  cancel=lambda: any(m.startswith("adapter 2/3") for m in messages))
+    assert again.members[2].n_labels == 0                            # never trained
+
+
+def test_auto_ensemble_is_three_adapters_only_for_other_volumes():
+    from FewShotSegmentLib.config import PipelineConfig, resolve_ensemble
+    from FewShotSegmentLib.errors import InputError
+
+    assert PipelineConfig().ensemble == 0
+    assert resolve_ensemble(0, for_other_volumes=True) == 3
+    assert resolve_ensemble(0, for_other_volumes=False) == 1
+    assert resolve_ensemble(2, True) == resolve_ensemble(2, False) == 2     # chosen: kept either way
+    with pytest.raises(InputError, match="ensemble must be 0"):
+        PipelineConfig(ensemble=-1).validate()

@@ -82,6 +82,7 @@ def test_saved_adapter_gives_the_same_segmentation(ct, prepared, liver_run, tmp_
     assert loaded.labels == model.labels and loaded.backbone_id == model.backbone_id
     # trained on its painted volume: location "auto" stays off (the painting anchors every label)
     assert loaded.config.location == model.config.location == "off"
+    assert loaded.config.ensemble == 1 and not hasattr(loaded.adapter, "members")     # one adapter, as fast
     assert loaded.volumes_mm3 == model.volumes_mm3
     again = pipeline.segment(loaded, prepared[0], template)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(again.labels), sitk.GetArrayFromImage(prediction.labels))
