@@ -72,10 +72,11 @@ def test_cross_patient_mri_from_patient_1_to_patient_2(tmp_path, capsys, shared_
                               [1, 2, 3, 4])
     dice = {k: round(v["dice"], 3) for k, v in scores.items()}
     # measured 1 -> 2 (AMD EPYC) with the adapter for other patients seeing where each pixel lies
-    # in the body (location "auto" -> inplane): liver 0.767, right kidney 0.936, left kidney 0.885,
-    # spleen 0.581 (location off: 0.765, 0.908, 0.909, 0.564; the right kidney was lost, 0.00, before
+    # in the body (location "auto" -> inplane) and averaging three adapters (ensemble auto): liver
+    # 0.778, right kidney 0.934, left kidney 0.907, spleen 0.491 (one adapter: 0.767, 0.936, 0.885,
+    # 0.581; location off: 0.765, 0.908, 0.909, 0.564; the right kidney was lost, 0.00, before
     # components were chosen by evidence). Painted on one slice, the spleen's place is known too narrowly.
-    assert dice[1] >= 0.72 and dice[2] >= 0.88 and dice[3] >= 0.83 and dice[4] >= 0.53, dice
+    assert dice[1] >= 0.73 and dice[2] >= 0.88 and dice[3] >= 0.86 and dice[4] >= 0.44, dice
     points = io.read_markups_json(outputs["landmarks"])
     assert {p["label"] for p in points} >= {"liver", "kidney_left", "spleen"}
     # nothing is overwritten without --overwrite
