@@ -407,9 +407,9 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
         if len(present) < len(values):
             raise InputError("a label has no template pixels along the chosen axis")
         prepared.features.ensure(template_slices)
+        features = prepared.adapter_features(config.location)
         for draws, draw_rng in zip([per_volume, *member_volumes], [rng, *member_rngs]):
-            draws.append(sample_training_pixels(prepared.adapter_features(config.location), index_map,
-                                                template_slices, config.samples_per_label,
+            draws.append(sample_training_pixels(features, index_map, template_slices, config.samples_per_label,
                                                 config.negative_margin_px, draw_rng, config.negative_margin_fraction))
         pixel_mm2, spacing = prepared.pixel_area_mm2, prepared.slice_spacing_mm
         centre, span = {}, {}

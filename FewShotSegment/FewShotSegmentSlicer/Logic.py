@@ -152,18 +152,15 @@ class FewShotSegmentLogic(BatchMixin, ScriptedLoadableModuleLogic):
             job = {"task": task, "output_dir": str(Path(tempDir) / "output"), "config": config}
             job["image"] = str(self.writeVolume(inputVolume, Path(tempDir) / "image.nrrd"))
             templateHash = ""
-            if task == "predict":
-                job["model"] = str(Path(modelPath).resolve())
-                labels = self.readAdapterLabels(modelPath)
-                if templateSegmentation is not None:
-                    templatePath = Path(tempDir) / "template.nrrd"
-                    MrmlConversion.exportTemplate(templateSegmentation, inputVolume, segmentIds, templatePath)
-                    job["template"] = str(templatePath)
-            else:
+            if templateSegmentation is not None:   # trains a run/train; anchors a reused adapter's predict
                 templatePath = Path(tempDir) / "template.nrrd"
                 labels, paintingHash = MrmlConversion.exportTemplate(templateSegmentation, inputVolume,
                                                                      segmentIds, templatePath)
                 job["template"] = str(templatePath)
+            if task == "predict":
+                job["model"] = str(Path(modelPath).resolve())
+                labels = self.readAdapterLabels(modelPath)     # the adapter's names, not the painting's
+            else:
                 for number, (volume, segmentation) in enumerate(moreTemplates or [], start=1):
                     otherTemplate = Path(tempDir) / f"template_{number}.nrrd"
                     otherLabels, otherHash = MrmlConversion.exportTemplate(segmentation, volume, None, otherTemplate)
