@@ -185,28 +185,6 @@ def test_idle_cores_reads_this_machine():
     assert idle is not None and 0.0 <= idle <= (os.cpu_count() or 1) + 1e-6
 
 
-def test_channels_last_decoding_gives_the_stock_decoders_logits():
-    """refine.first_mask_logits is segment-anything's predict_masks (first mask) laid out for the
-    CPU: the same logits in fp32."""
-    import torch
-
-    from FewShotSegmentLib.backbones import load_litemedsam
-    from FewShotSegmentLib.refine import first_mask_logits
-
-    model = load_litemedsam()
-    gen = torch.Generator().manual_seed(0)
-    embedding = torch.randn(1, 256, 64, 64, generator=gen) * 0.3
-    boxes = torch.tensor([[[40.0, 50, 150, 160]], [[10.0, 20, 60, 90]], [[120.0, 100, 250, 240]]])
-    with torch.inference_mode():
-        sparse, dense = model.prompt_encoder(points=None, boxes=boxes, masks=None)
-        pe = model.prompt_encoder.get_dense_pe()
-        stock, _ = model.mask_decoder(image_embeddings=embedding, image_pe=pe, sparse_prompt_embeddings=sparse,
-                                      dense_prompt_embeddings=dense, multimask_output=False)
-        ours = first_mask_logits(model.mask_decoder, embedding, pe, sparse, dense)
-    assert ours.shape == stock.shape == (3, 1, 256, 256)
-    assert (ours - stock).abs().max() < 1e-3 * stock.abs().max()
-
-
 def test_bf16_box_decoding_draws_the_masks_of_fp32(ct_slices):
     """Refinement decodes with a bf16 copy of the mask decoder where precision resolves to bf16
     (measured: Dice 0.985-1.0 to fp32's masks); the logits come back float32 on the slice grid."""
