@@ -230,18 +230,22 @@ def reachable_slices(slices: SliceDecisions, seeds: np.ndarray) -> None:
 
 def _connected_next(labels: np.ndarray, reach: np.ndarray) -> np.ndarray:
     """The pixels of each label on the next slice (``labels``) whose 2D component touches that
-    label's ``reach`` on this slice grown by one pixel (the in-plane part of 26-connectivity)."""
+    label's ``reach`` on this slice grown by one pixel (the in-plane part of 26-connectivity).
+    Each label is looked at only within its bounding box and a 1-pixel margin (where its reach
+    can touch it): a sweep asks this of every slice, and whole 512x512 slices cost 16 ms a slice."""
     following = np.zeros_like(reach)
+    boxes = ndimage.find_objects(labels)
     for k in np.unique(reach[reach > 0]):
-        candidates = labels == k
-        if not candidates.any():
+        if k > len(boxes) or boxes[k - 1] is None:
             continue
-        touching = ndimage.binary_dilation(reach == k, IN_PLANE_8) & candidates
+        crop = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in boxes[k - 1])
+        candidates = labels[crop] == k
+        touching = ndimage.binary_dilation(reach[crop] == k, IN_PLANE_8) & candidates
         if not touching.any():
             continue
         components, _ = ndimage.label(candidates, IN_PLANE_8)
         hit = np.unique(components[touching])
-        following[np.isin(components, hit[hit > 0])] = k
+        following[crop][np.isin(components, hit[hit > 0])] = k
     return following
 
 

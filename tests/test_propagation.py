@@ -208,3 +208,23 @@ def test_a_component_that_turns_back_towards_unscored_slices_is_followed():
     np.testing.assert_array_equal(reach, every)
     assert reach[12:20, 10:20, 40:45].all()
     assert asked == set(range(24))        # the fallback scored the rest
+
+
+def test_connected_next_keeps_exactly_the_components_touching_the_reach():
+    """The sweep's step, looked at within each label's box: the same pixels as the whole-slice
+    definition (every component of a label that touches its reach grown by one pixel), on
+    random label maps with labels at the slice's edges."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    eight = np.ones((3, 3), bool)
+    for trial in range(30):
+        labels = ndimage.median_filter(rng.integers(0, 4, (60, 70)), 5).astype(np.uint8)
+        reach = np.where(rng.random((60, 70)) < 0.02, rng.integers(1, 5, (60, 70)), 0).astype(np.uint8)
+        expected = np.zeros_like(reach)
+        for k in range(1, 5):
+            components, _ = ndimage.label(labels == k, eight)
+            hit = np.unique(components[ndimage.binary_dilation(reach == k, eight)])
+            expected[np.isin(components, hit[hit > 0])] = k
+        assert np.array_equal(propagation._connected_next(labels, reach), expected)
+    assert expected.any()
