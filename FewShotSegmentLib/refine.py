@@ -191,28 +191,27 @@ class DecodedBoxes:
     def key(index, box, device, precision: str = "fp32") -> tuple:
         return (int(index), tuple(int(v) for v in box), str(device), precision)
 
-    def get(self, key, shape) -> np.ndarray | None:
+    def get(self, key) -> np.ndarray | None:
+        """The logits on the key's box, or None."""
         crop = self.entries.get(key)
         if crop is None:
             self.misses += 1
             return None
         self.hits += 1
-        c0, r0, c1, r1 = key[1]
-        logit = np.full(shape, -np.inf, np.float32)
-        logit[r0:r1 + 1, c0:c1 + 1] = crop
-        return logit
+        return crop
 
-    def put(self, key, logit: np.ndarray) -> None:
-        c0, r0, c1, r1 = key[1]
-        crop = logit[r0:r1 + 1, c0:c1 + 1].copy()
+    def put(self, key, crop: np.ndarray) -> None:
         self.entries[key] = crop
         self.bytes += crop.nbytes
         while self.bytes > self.max_bytes and self.entries:
             self.bytes -= self.entries.pop(next(iter(self.entries))).nbytes
 
 
-def _slice_logits(refiner, features, slices01, index, shape, prompts) -> list[np.ndarray]:
-    """SAM logits on slice ``index`` for each (box, points) prompt, -inf outside its box."""
+def _slice_logits(refiner, features, slices01, index, shape, prompts) -> list[tuple[tuple, np.ndarray]]:
+    """SAM's logits on slice ``index`` for each (box, points) prompt, as (region, logits there):
+    a box prompt's region is its box (SAM can leak past it; the region it was asked about is
+    inside; -inf beyond), a points prompt's the whole slice. Refinement then works on boxes,
+    not on whole slices (5-13 prompts a 512x512 slice)."""
     if isinstance(refiner, LiteMedSAMRefiner) and prompts and all(p is None for _, p in prompts):
         return _cached_box_logits(refiner, features, index, shape, [b for b, _ in prompts])
     if isinstance(refiner, SAMRefiner):
@@ -221,35 +220,33 @@ def _slice_logits(refiner, features, slices01, index, shape, prompts) -> list[np
     else:
         logits = [refiner.logits(features.sam_embeddings[index], features.scale, shape, box=b, points=p)
                   for b, p in prompts]
+    out = []
     for logit, (box, _) in zip(logits, prompts):
-        if box is not None:
-            _outside_box(logit, box)
-    return logits
+        region = (slice(None), slice(None)) if box is None else box_region(box)
+        out.append((region, logit[region]))
+    return out
 
 
-def _outside_box(logit: np.ndarray, box) -> None:
-    """SAM can leak past its box; the region it was asked about is inside."""
+def box_region(box) -> tuple[slice, slice]:
+    """The pixels of a box xyxy (inclusive), as an index into a slice."""
     c0, r0, c1, r1 = np.asarray(box).astype(int)
-    inside = logit[r0:r1 + 1, c0:c1 + 1].copy()
-    logit[:] = -np.inf
-    logit[r0:r1 + 1, c0:c1 + 1] = inside
+    return slice(r0, r1 + 1), slice(c0, c1 + 1)
 
 
-def _cached_box_logits(refiner, features, index, shape, boxes) -> list[np.ndarray]:
+def _cached_box_logits(refiner, features, index, shape, boxes) -> list[tuple[tuple, np.ndarray]]:
     """LiteMedSAM box prompts of one slice: those not answered before on this volume
     (DecodedBoxes) decoded in one batch."""
     cache = DecodedBoxes.of(features)
     keys = [cache.key(index, box, refiner.device, refiner.precision) for box in boxes]
-    logits = [cache.get(key, shape) for key in keys]
-    missing = [i for i, logit in enumerate(logits) if logit is None]
+    crops = [cache.get(key) for key in keys]
+    missing = [i for i, crop in enumerate(crops) if crop is None]
     if missing:
         decoded = refiner.box_logits(features.sam_embeddings[index], features.scale, shape,
                                      np.array([keys[i][1] for i in missing], np.float32))
         for i, logit in zip(missing, decoded):
-            _outside_box(logit, keys[i][1])
-            cache.put(keys[i], logit)
-            logits[i] = logit
-    return logits
+            crops[i] = logit[box_region(keys[i][1])].copy()     # not a view: the batch is let go
+            cache.put(keys[i], crops[i])
+    return [(box_region(key[1]), crop) for key, crop in zip(keys, crops)]
 
 
 def refinement_agreement(template: np.ndarray, painted: list[int], features, slices01: np.ndarray,
@@ -271,9 +268,9 @@ def _agreement(template, painted, refiner, features, slices01, strategy, n_point
         for value in np.unique(plane[plane > 0]):
             mask = plane == value
             drawn = np.zeros(plane.shape, bool)
-            for logit in _slice_logits(refiner, features, slices01, index, plane.shape,
-                                       component_prompts(mask, strategy, n_points, rng)):
-                drawn |= logit > 0
+            for region, logit in _slice_logits(refiner, features, slices01, index, plane.shape,
+                                               component_prompts(mask, strategy, n_points, rng)):
+                drawn[region] |= logit > 0
             overlap[value] = overlap.get(value, 0) + 2 * int((drawn & mask).sum())
             total[value] = total.get(value, 0) + int(drawn.sum() + mask.sum())
     return {int(v): overlap[v] / total[v] if total[v] else 0.0 for v in overlap}
@@ -322,8 +319,9 @@ def _refine_slice(plane, refiner, features, slices01, index, strategy, n_points,
         for prompt in component_prompts(plane == value, strategy, n_points, rng):
             prompts.append(prompt)
             owners.append(value)
-    for value, logit in zip(owners, _slice_logits(refiner, features, slices01, index, plane.shape, prompts)):
-        win = (logit > best) & claimable
-        result[win] = value
-        best[win] = logit[win]
+    for value, (region, logit) in zip(owners, _slice_logits(refiner, features, slices01, index, plane.shape,
+                                                            prompts)):
+        win = (logit > best[region]) & claimable[region]
+        result[region][win] = value
+        best[region][win] = logit[win]
     return result
