@@ -3,20 +3,21 @@ refinement on a CPU: many box prompts against ONE slice embedding, one mask each
 
 The stock decoder repeats the image embedding per prompt and runs every step on every copy.
 Measured on the 512x512 CT (bf16, 2 cores; a slice asks 5-13 boxes), per box: 21 ms in the
-transformer and 6.5 ms in the upscaling. Here, with the same weights and the same arithmetic:
+transformer and 6.5 ms in the upscaling. Here, with the same weights and the same function
+(float rounding aside):
 - the image tokens stay one copy until the first image-to-token attention makes them differ per
-  prompt: the first layer's key and value projections of the token-to-image attention and the
-  query projection of the image-to-token attention (3 of its 4 projections of 4096 tokens) are
-  computed once for all prompts;
-- the cross attentions' projections of the 4096 image tokens fold into the 7 prompt tokens
-  (token_to_image, image_to_token): 3x fewer multiply-adds;
+  prompt: the first token-to-image attention projects them once for all prompts;
+- after that, the cross attentions' projections of the 4096 image tokens fold into the 7 prompt
+  tokens (token_to_image, image_to_token): 3x fewer multiply-adds;
 - each softmax runs in float32 along an axis laid out for it (the stock softmax over the 7
   prompt tokens of a (B, 8, 4096, 7) tensor alone took 7 ms a prompt);
 - the upscaling (two stride-2 transposed convolutions with kernel 2, a per-pixel LayerNorm, GELU)
   and the hypernetwork product are per-token: each output pixel depends on one image token only,
   so they run only on the tokens of the prompt's crop (its box and a margin): the values of the
   whole grid there.
-Only the first mask (``multimask_output=False``) is drawn.
+Only the first mask (``multimask_output=False``) is drawn. Measured there: 13.8 ms a box in all
+instead of 30 (bf16; fp32 21.6, logits within 4e-6 of the stock decoder's); in bf16 the float32
+softmax also brings the masks closer to fp32's (Dice 0.993 instead of 0.951).
 """
 from __future__ import annotations
 

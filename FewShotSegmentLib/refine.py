@@ -209,9 +209,9 @@ class DecodedBoxes:
 
 def _slice_logits(refiner, features, slices01, index, shape, prompts) -> list[tuple[tuple, np.ndarray]]:
     """SAM's logits on slice ``index`` for each (box, points) prompt, as (region, logits there):
-    a box prompt's region is its box (SAM can leak past it; the region it was asked about is
-    inside; -inf beyond), a points prompt's the whole slice. Refinement then works on boxes,
-    not on whole slices (5-13 prompts a 512x512 slice)."""
+    a box prompt's region is its box (SAM may draw past a box, but what it was asked about lies
+    inside it), a points prompt's the whole slice. So refinement works on boxes, not on whole
+    slices (a 512x512 CT slice asks 5-13 boxes)."""
     if isinstance(refiner, LiteMedSAMRefiner) and prompts and all(p is None for _, p in prompts):
         return _cached_box_logits(refiner, features, index, shape, [b for b, _ in prompts])
     if isinstance(refiner, SAMRefiner):
