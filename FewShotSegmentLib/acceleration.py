@@ -131,10 +131,7 @@ def accelerate(module: torch.nn.Module, device: torch.device, precision: str = "
         if reason is None:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_inductor_cache()))
             try:
-                # freezing: the weights become constants of the graph, so oneDNN gets them
-                # prepacked once (measured on AVX512-BF16, bf16: 0.33-0.37 -> 0.29-0.30 s a
-                # slice; fp32 unchanged); the module is only ever run for inference
-                compiled = torch.compile(fast, dynamic=False, options={"freezing": True})
+                compiled = torch.compile(fast, dynamic=False)
             except Exception as exc:
                 reason = f"torch.compile unavailable: {type(exc).__name__}: {str(exc)[:200]}"
         if reason:
