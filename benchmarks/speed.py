@@ -274,6 +274,23 @@ def report(results: dict, args) -> tuple[str, dict]:
     return format_table(rows, columns), summary
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its bf16 units (what the encoder's speed depends on): figures of
+    an AMX CPU and of an AVX512-BF16 one differ by 2x and must not be compared."""
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
+    except OSError:
+        pass
+    cpu = getattr(torch, "cpu", None)
+    units = [unit for unit, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+             if getattr(cpu, probe, None) is not None and getattr(cpu, probe)()]
+    return f"{name} ({', '.join(units) or 'no bf16 units'})"
+
+
 def header(args, minutes: float) -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     gpu = ""
@@ -283,7 +300,7 @@ def header(args, minutes: float) -> str:
         gpu = f", GPU {torch.cuda.get_device_name(0)}"
     command = " ".join([".venv/bin/python", "benchmarks/speed.py"] + sys.argv[1:])
     return (f"# Speed benchmark ({args.device})\n\n- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}\n"
-            f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores{gpu}\n- commit: {commit}\n"
+            f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {cpu_description()}{gpu}\n- commit: {commit}\n"
             f"- command: `{command}` ({minutes:.1f} min)\n- encoder: {args.slices} demo-CT slices, batch {args.batch_size}\n")
 
 
@@ -339,7 +356,7 @@ def main(argv=None):
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"speed_{args.device}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     minutes = (time.perf_counter() - began) / 60
-    summary.update(command=" ".join(["benchmarks/speed.py"] + sys.argv[1:]), minutes=round(minutes, 1),
+    summary.update(command=" ".join(["benchmarks/speed.py"] + sys.argv[1:]), minutes=round(minutes, 1), cpu=cpu_description(),
                    commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                          text=True).stdout.strip(),
                    date=datetime.datetime.now().isoformat(timespec="minutes"))
