@@ -309,7 +309,7 @@ def cut_regrowth(stack: np.ndarray, seeds: np.ndarray, keep: dict[int, int], ris
     unpainted); ``keep`` {label index: components kept}. Returns a new stack.
 
     Beyond the outermost slice where a label is painted, an organ ends the way organs end: once
-    its cross-section has started to shrink it does not widen again. A region that narrows to a
+    its cross-section has narrowed (regrowth_neck) it does not widen again. A region that narrows to a
     neck and then widens is another structure the label has run into through that neck (CHAOS P3,
     the liver painted on slices up to its dome: it ran on into the heart, 75 000 voxels on the 8
     slices beyond the liver), so the label is removed from the slice after the neck outward. A
@@ -336,20 +336,25 @@ def cut_regrowth(stack: np.ndarray, seeds: np.ndarray, keep: dict[int, int], ris
 
 
 def regrowth_neck(area: np.ndarray, start: int, step: int, rise: float, floor: float) -> int | None:
-    """Walking from slice ``start`` by ``step`` while the label is present: the narrowest slice
-    before the first widening by more than ``rise`` (and ``floor`` voxels) after the area began
-    to shrink; None when the area only grows, or grows then shrinks (as an organ's end does)."""
+    """Walking from slice ``start`` by ``step`` while the label is present: the narrowest slice of
+    a neck, None when there is none. A neck is a narrowing by the factor 1 + ``rise`` below the
+    widest section before it, followed by a widening by more than ``rise`` (and ``floor``
+    voxels) of the narrowest one. So an organ that keeps growing beyond its painting is never
+    cut for the noise of its growth: on a 512x512x300 CT (1.1 mm slices) the liver, painted on
+    one slice, grew from 28 000 to 45 000 pixels a slice beyond it with a 1 % dip on the way,
+    and a rule that took any decrease for the start of a narrowing cut 44 of its slices (liver
+    0.92 -> 0.35)."""
+    peak = area[start]
     low = neck = None
-    previous = area[start]
     z = start + step
     while 0 <= z < len(area) and area[z] > 0:
-        if low is None:
-            if area[z] < previous:
-                low, neck = area[z], z
-        elif area[z] > low * (1 + rise) + floor:
+        if low is not None and area[z] > low * (1 + rise) + floor:
             return neck
+        if low is None:
+            if area[z] * (1 + rise) < peak:         # narrowed: a neck may follow
+                low, neck = area[z], z
+            peak = max(peak, area[z])
         elif area[z] < low:
             low, neck = area[z], z
-        previous = area[z]
         z += step
     return None
