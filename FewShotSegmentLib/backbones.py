@@ -91,6 +91,13 @@ class Backbone:
     feature_dim = 0
     provides_sam_embeddings = False
     fast: Accelerated | None = None
+    input_size = 0          # slices are resized so their longest side is this many pixels
+    feature_stride = 0      # input pixels per cell of the feature grid
+
+    def cell_pixels(self, slice_shape: tuple[int, int]) -> float:
+        """Slice pixels per cell of the feature grid: the finest detail the features resolve
+        in-plane (LiteMedSAM on a 512x512 slice: 8 pixels)."""
+        return self.feature_stride * max(slice_shape) / self.input_size
 
     def __init__(self, device: str = "auto"):
         runtime.configure()      # allocator and thread pools, once per process (see runtime.py)
@@ -132,6 +139,7 @@ class LiteMedSAMBackbone(Backbone):
     being kept for every slice (2 MB a slice, 630 MB for a 512x512x300 CT).
     """
     input_size = 256
+    feature_stride = 4               # 256 px in, a 64x64 grid out
     provides_sam_embeddings = True
 
     def __init__(self, layer: str = "preneck", checkpoint: str = "", device: str = "auto",
@@ -252,6 +260,7 @@ class DinoV2Backbone(Backbone):
         self.model = model.to(self.device).eval()
         self.fast = accelerate(_ViTPatchTokens(self.model), self.device, precision, compile)
         self.patch = model.patch_embed.patch_size[0]
+        self.feature_stride = self.patch
         self.input_size = input_size - input_size % self.patch
         self.feature_dim = model.num_features
         self.id = f"dinov2[{name}:{Path(checkpoint).name if checkpoint else 'hub' if pretrained else 'random'}]"

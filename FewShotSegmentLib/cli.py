@@ -92,6 +92,9 @@ def _speed_args(group, default="auto"):
                        help="encoder arithmetic; auto: bf16 where the CPU/GPU has fast bf16, else fp32")
     group.add_argument("--compile", choices=COMPILE_MODES, default=default,
                        help="torch.compile the encoder; auto: when a C++ compiler is available")
+    group.add_argument("--encode-step", type=int, default=0 if default == "auto" else None,
+                       help="encode every N-th slice and interpolate the features between; 0: by the slice "
+                            "spacing (every 2nd slice of a 1 mm CT), 1: every slice")
 
 
 def _config(args) -> dict:
@@ -102,7 +105,7 @@ def _config(args) -> dict:
         keep_components=args.keep_components, landmarks=not args.no_landmarks, seed=args.seed,
         location=args.location, location_prior=args.location_prior, self_support=args.self_support,
         ensemble=args.ensemble,
-        device=args.device, precision=args.precision, compile=args.compile,
+        device=args.device, precision=args.precision, compile=args.compile, encode_step=args.encode_step,
         cache_dir=args.cache_dir).validate().to_dict()
 
 
@@ -171,7 +174,8 @@ def main(argv=None) -> int:
         else:
             overrides = {k: v for k, v in (("refine", args.refine), ("device", args.device),
                                            ("precision", args.precision), ("compile", args.compile),
-                                           ("cache_dir", args.cache_dir), ("self_support", args.self_support))
+                                           ("cache_dir", args.cache_dir), ("self_support", args.self_support),
+                                           ("encode_step", args.encode_step))
                          if v is not None}
             if args.no_landmarks:
                 overrides["landmarks"] = False

@@ -111,6 +111,10 @@ class PipelineConfig:
     # a painted volume's slices are encoded when propagation first reads them (features.py):
     # the slices no painted label reaches are never encoded; another volume is encoded whole
     encode_on_demand: bool = True
+    # every how many slices the encoder runs (features.encoding_step; the others read their
+    # neighbours' features interpolated): 0 auto, by the slice spacing against the feature
+    # grid's cell (a 512x512 CT of 1.1 mm slices: every 2nd slice; 2.5 mm and more: every slice)
+    encode_step: int = 0
     cache_dir: str = ""               # feature cache; "" disables
 
     def validate(self) -> "PipelineConfig":
@@ -122,6 +126,8 @@ class PipelineConfig:
             raise InputError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile not in COMPILE_MODES:
             raise InputError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if not isinstance(self.encode_step, int) or self.encode_step < 0:
+            raise InputError(f"encode_step must be 0 (auto) or a number of slices, got {self.encode_step!r}")
         if self.location not in LOCATIONS:
             raise InputError(f"location must be one of {LOCATIONS}, got {self.location!r}")
         if self.feature_layer not in ("preneck", "neck"):

@@ -8,6 +8,10 @@ a batch-sized block of slices at a time, when something first reads its features
 volume's propagation reaches only the slices its labels can connect to (propagation.py), so on a
 512x512x300 CT with four organs painted on one slice 169 slices are scored and the other 131 are
 never encoded.
+
+On volumes whose slices lie much closer than the feature grid's cell is wide (thin-slice CT), only
+every ``step``-th slice is encoded (encoding_step) and the slices between read their neighbours'
+grids linearly interpolated, as pixels already read the grid interpolated in-plane.
 """
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ class EmbeddingsOnDemand:
 
     def __init__(self, features: "VolumeFeatures", make: Callable[[torch.Tensor], torch.Tensor] | None):
         self.features, self.make = features, make
-        self._last: tuple[int, torch.Tensor] | None = None
+        self._last: tuple[int, int, torch.Tensor] | None = None   # index, features.version
 
     def __len__(self):
         return len(self.features)
@@ -58,20 +62,25 @@ class EmbeddingsOnDemand:
         grid = self.features.slice_grid(index)
         if self.make is None:
             return grid[0]
-        if self._last is None or self._last[0] != index:
-            self._last = (index, self.make(grid)[0])
-        return self._last[1]
+        if self._last is None or self._last[:2] != (index, self.features.version):
+            self._last = (index, self.features.version, self.make(grid)[0])
+        return self._last[2]
 
 
 class SliceEncoder:
-    """Encodes the slices of a volume that have no features yet, one batch-sized block of slices
-    at a time (the block [b * batch, (b + 1) * batch), whole: a compiled encoder sees one batch
-    shape, and a block is never left half encoded), and notes them in the cache entry."""
+    """Encodes the slices of a volume that have no features yet, one block of the encoding
+    lattice at a time (VolumeFeatures: every ``step``-th slice and the last; block b holds
+    lattice[b * batch, (b + 1) * batch), whole: a compiled encoder sees one batch shape, and a
+    block is never left half encoded), and notes them in the cache entry. Slices off the lattice
+    that must be exact (the painted ones) are encoded in batches of their own."""
 
     def __init__(self, slices: np.ndarray, backbone: Backbone, batch_size: int, store: "_FeatureStore",
-                 missing: np.ndarray):
+                 missing: np.ndarray, lattice: np.ndarray | None = None):
         self.slices, self.backbone, self.batch_size, self.store = slices, backbone, max(1, batch_size), store
         self.missing = missing          # (N,) bool: slices not encoded yet
+        self.lattice = np.arange(len(missing)) if lattice is None else np.asarray(lattice, dtype=np.int64)
+        self._position = np.full(len(missing), -1, dtype=np.int64)     # a slice's place on the lattice
+        self._position[self.lattice] = np.arange(len(self.lattice))
         self.seconds = 0.0              # spent encoding on demand
 
     def fill(self, features: torch.Tensor, indices, progress: Callable[[int, int, int], None] | None = None,
@@ -83,23 +92,47 @@ class SliceEncoder:
         if not len(wanted):
             return
         start = time.perf_counter()
-        blocks = np.unique(wanted // self.batch_size)
+        size = self.batch_size
+        on = self._position[wanted] >= 0
+        groups = [self.lattice[b * size:(b + 1) * size] for b in np.unique(self._position[wanted[on]] // size)]
+        off = wanted[~on]
+        groups += [off[k:k + size] for k in range(0, len(off), size)]
         # the encoder's own settings, whatever the caller runs under (a scoring loop's autocast
         # would make the compiled graph recompile)
         with runtime.encoder_memory(), torch.autocast("cpu", enabled=False):
-            for done, block in enumerate(blocks, start=1):
+            for done, group in enumerate(groups, start=1):
                 if cancel and cancel():
                     raise Cancelled("cancelled while encoding")
-                lo = int(block) * self.batch_size
-                hi = min(len(self.missing), lo + self.batch_size)
-                encoded = self.backbone.encode(_padded(self.slices[lo:hi], self.batch_size))
-                todo = torch.from_numpy(np.flatnonzero(self.missing[lo:hi]))
-                features[lo + todo] = encoded.features[todo]
-                self.missing[lo + todo] = False
+                encoded = self.backbone.encode(_padded(self.slices[group], size))
+                todo = np.flatnonzero(self.missing[group])
+                features[torch.from_numpy(group[todo])] = encoded.features[torch.from_numpy(todo)]
+                self.missing[group[todo]] = False
                 if progress:
-                    progress(done, len(blocks), hi)
+                    progress(done, len(groups), int(group[-1]) + 1)
         self.store.note_missing(self.missing)   # once a call: the entry then says what it holds
         self.seconds += time.perf_counter() - start
+
+
+MAX_STEP = 4     # encoding_step: at most every 4th slice is encoded
+
+
+def encoding_step(cell_mm: float, slice_mm: float, asked: int = 0) -> int:
+    """Every how many slices the encoder runs: ``asked`` when it is 1 or more; 0 (auto): as many
+    as keep the encoded slices at most half a feature cell apart (``cell_mm``: the grid's cell
+    in-plane, Backbone.cell_pixels times the pixel size), at most MAX_STEP. The features are
+    interpolated in-plane across whole cells already; across slices half a cell apart they change
+    as little (LiteMedSAM on a 512x512 CT of 0.7 mm pixels: 5.7 mm cells, so slices of 1.1 mm
+    are encoded every second one, slices of 2.5 mm or more all)."""
+    if asked >= 1:
+        return int(asked)
+    if cell_mm <= 0 or slice_mm <= 0:
+        return 1
+    return int(max(1, min(MAX_STEP, cell_mm // (2 * slice_mm))))
+
+
+def encoding_lattice(n: int, step: int) -> np.ndarray:
+    """The slices encoded with ``step``: every step-th one and the last."""
+    return np.unique(np.r_[np.arange(0, n, max(1, step)), n - 1]).astype(np.int64)
 
 
 def _padded(batch: np.ndarray, size: int) -> np.ndarray:
@@ -110,9 +143,16 @@ def _padded(batch: np.ndarray, size: int) -> np.ndarray:
 
 
 class VolumeFeatures:
-    """Feature grids of all N slices along one axis of a normalized volume."""
+    """Feature grids of all N slices along one axis of a normalized volume.
 
-    def __init__(self, encoded: Encoded, slice_shape: tuple[int, int], encoder: SliceEncoder | None = None):
+    With ``step`` > 1 only the lattice (every step-th slice and the last; encoding_step) and the
+    slices asked to be exact (``keep_exact``: the painted ones) are encoded; a slice between
+    two lattice slices reads their grids linearly interpolated, so everything downstream (scoring,
+    refinement's SAM embeddings) reads every slice as before. Which slices are exact never
+    depends on what a cache entry happens to hold: the same job gives the same result."""
+
+    def __init__(self, encoded: Encoded, slice_shape: tuple[int, int], encoder: SliceEncoder | None = None,
+                 step: int = 1):
         self.features = encoded.features          # (N, C, h, w) float16; read through slice_grid / grid
         self.encoder = encoder                    # fills the slices not encoded yet; None: all are
         self.sam_embeddings = encoded.sam_embeddings
@@ -123,12 +163,39 @@ class VolumeFeatures:
         self.scale = encoded.scale
         self.frame = encoded.frame
         self.slice_shape = slice_shape
-        self._last_float: tuple[int, torch.Tensor] | None = None
+        self.step = max(1, int(step))
+        n = len(self)
+        self._exact = np.zeros(n, bool)
+        self._exact[encoding_lattice(n, self.step)] = True     # the lattice, and keep_exact's slices
+        self._lattice = self._exact.copy()
+        self.version = 0                          # changes when a slice's grid may change (keep_exact)
+        self._last_float: tuple[int, int, torch.Tensor] | None = None
+
+    def keep_exact(self, indices) -> None:
+        """Encode these slices (the painted ones: training reads their pixels) even when they lie
+        off the lattice; the slices an earlier call named are interpolated again."""
+        exact = self._lattice.copy()
+        exact[np.asarray(indices, dtype=np.int64)] = True
+        if not np.array_equal(exact, self._exact):
+            self._exact = exact
+            self.version += 1
+        self.ensure(indices)
+
+    def sources(self, indices) -> np.ndarray:
+        """The encoded slices the grids of these slices are made of (sorted, unique)."""
+        index = np.asarray(indices, dtype=np.int64).ravel()
+        if self.step == 1:
+            return np.unique(index)
+        exact = self._exact[index]
+        below = index - index % self.step
+        above = np.minimum(below + self.step, len(self) - 1)
+        return np.unique(np.concatenate([index[exact], below[~exact], above[~exact]]))
 
     def ensure(self, indices) -> None:
-        """Encode these slices now if they are not yet (on-demand volumes; a no-op otherwise)."""
+        """Encode the slices these slices' grids need now if they are not yet (on-demand
+        volumes; a no-op otherwise)."""
         if self.encoder is not None:
-            self.encoder.fill(self.features, indices)
+            self.encoder.fill(self.features, self.sources(indices))
 
     @property
     def encoded(self) -> np.ndarray:
@@ -141,15 +208,24 @@ class VolumeFeatures:
         return 0.0 if self.encoder is None else self.encoder.seconds
 
     def slice_grid(self, index: int) -> torch.Tensor:
-        """(1, C, h, w) float16 grid of one slice (encoded now if it is not yet)."""
+        """(1, C, h, w) float16 grid of one slice (encoded now if it is not yet; off the lattice,
+        its neighbours' on it interpolated)."""
         self.ensure([index])
-        return self.features[index:index + 1]
+        if self._exact[index]:
+            return self.features[index:index + 1]
+        below = index - index % self.step
+        above = min(below + self.step, len(self) - 1)
+        weight = (index - below) / (above - below)
+        return torch.lerp(self.features[below:below + 1].float(), self.features[above:above + 1].float(),
+                          weight).half()
 
     @property
     def grid(self) -> torch.Tensor:
-        """(N, C, h, w) float16 grids of every slice (all encoded first)."""
+        """(N, C, h, w) float16 grids of every slice (all encoded first; a copy with step > 1)."""
         self.ensure(np.arange(len(self)))
-        return self.features
+        if self.step == 1:
+            return self.features
+        return torch.cat([self.slice_grid(i) for i in range(len(self))])
 
     def __len__(self):
         return self.features.shape[0]
@@ -163,8 +239,7 @@ class VolumeFeatures:
         recomputing it per slice made CT propagation 8x slower)."""
         if getattr(self, "_mean", None) is None:
             # slice by slice: a float32 copy of a 300-slice grid at once would be 1.6 GB
-            grid = self.grid
-            total = sum(grid[i].float().sum(dim=(1, 2)) for i in range(len(self)))
+            total = sum(self.slice_grid(i)[0].float().sum(dim=(1, 2)) for i in range(len(self)))
             self._mean = total / (len(self) * self.features.shape[2] * self.features.shape[3])
         return self._mean
 
@@ -177,9 +252,9 @@ class VolumeFeatures:
     def _float_slice(self, index: int) -> torch.Tensor:
         """(1, C, h, w) float32 grid of one slice; the last one is kept, as scoring samples a
         slice in several chunks."""
-        if self._last_float is None or self._last_float[0] != index:
-            self._last_float = (index, self.slice_grid(index).float())
-        return self._last_float[1]
+        if self._last_float is None or self._last_float[:2] != (index, self.version):
+            self._last_float = (index, self.version, self.slice_grid(index).float())
+        return self._last_float[2]
 
     def sample(self, index: int, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         """Pixel features (n, C) float32 of slice ``index`` at pixel coordinates rows/cols."""
@@ -269,15 +344,18 @@ class _FeatureStore:
 
 def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, cache_dir: str | Path = "",
                   progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
-                  progress_range: tuple[float, float] = (0.0, 1.0), on_demand: bool = False) -> VolumeFeatures:
+                  progress_range: tuple[float, float] = (0.0, 1.0), on_demand: bool = False,
+                  step: int = 1) -> VolumeFeatures:
     """Encode every slice of ``slices`` (N, H, W) in [0, 1]. With ``cache_dir`` the result is stored
     under a hash of the pixel data and the backbone's cache tag (model and precision), so the same
     volume is encoded once, and is memory-mapped from there.
 
     ``on_demand``: encode only the middle block of slices now (the grids' shape comes from it);
     every other slice is encoded when first read (VolumeFeatures.ensure), and progress and
-    cancel are then the reader's."""
+    cancel are then the reader's. ``step``: only every step-th slice and the last are encoded
+    (and those VolumeFeatures.keep_exact names); the others read interpolated grids."""
     n, h, w = slices.shape
+    lattice = encoding_lattice(n, step)
     folder = None
     if cache_dir:
         folder = Path(cache_dir) / _cache_key(slices, backbone)
@@ -287,13 +365,14 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
                 if backbone.provides_sam_embeddings and encoded.sam_embeddings is None:
                     encoded.sam_from_features = backbone.sam_from_features
                 if len(encoded.features) == n:
-                    encoder = SliceEncoder(slices, backbone, batch_size, store, missing) if missing.any() else None
+                    encoder = SliceEncoder(slices, backbone, batch_size, store, missing, lattice) \
+                        if missing.any() else None
                     if encoder is not None and not on_demand:
-                        encoder.fill(encoded.features, np.flatnonzero(missing), cancel=cancel)
-                        encoder = None
+                        encoder.fill(encoded.features, lattice[missing[lattice]], cancel=cancel)
+                        encoder = encoder if encoder.missing.any() else None
                     if progress:
                         progress(progress_range[1], "encode", f"features of {n} slices from cache")
-                    return VolumeFeatures(encoded, (h, w), encoder)
+                    return VolumeFeatures(encoded, (h, w), encoder, step)
             except (OSError, ValueError, KeyError, IndexError, RuntimeError):
                 pass
             shutil.rmtree(folder, ignore_errors=True)  # a corrupt cache entry is recomputed, never trusted
@@ -304,30 +383,31 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
     # the first block fixes the grids' shape; on demand it is the block holding the middle slice
     # (organs lie there more often than at the ends). Every block is encoded whole and padded to
     # batch_size (SliceEncoder), so on demand and all at once give the same features.
-    first = (n // 2) // batch_size * batch_size if on_demand else 0
+    batch_size = max(1, batch_size)
+    first = int(np.searchsorted(lattice, n // 2)) // batch_size * batch_size if on_demand else 0
+    block = lattice[first:first + batch_size]
     missing = np.ones(n, bool)
     try:
         if cancel and cancel():
             raise Cancelled("cancelled while encoding")
         with runtime.encoder_memory():     # see runtime.py
-            encoded = backbone.encode(_padded(slices[first:first + batch_size], batch_size))
-        count = min(batch_size, n - first)
+            encoded = backbone.encode(_padded(slices[block], batch_size))
         features = store.allocate("features", (n,) + tuple(encoded.features.shape[1:]))
-        features[first:first + count] = encoded.features[:count]
-        missing[first:first + count] = False
+        features[torch.from_numpy(block)] = encoded.features[:len(block)]
+        missing[block] = False
         store.finish(encoded.scale, encoded.frame, missing)
-        encoder = SliceEncoder(slices, backbone, batch_size, store, missing)
+        encoder = SliceEncoder(slices, backbone, batch_size, store, missing, lattice)
         if on_demand:
             if progress:
                 progress(hi, "encode", "the other slices are encoded as propagation reaches them")
         else:
-            blocks = -(-n // batch_size)
+            blocks = -(-len(lattice) // batch_size)
             report = None if progress is None else (
                 lambda done, _, last: progress(lo + (hi - lo) * (done + 1) / blocks, "encode",
                                                f"encoded slice {last}/{n}"))
             if progress:
-                report(0, blocks, count)
-            encoder.fill(features, np.flatnonzero(missing), report, cancel)
+                report(0, blocks, int(block[-1]) + 1)
+            encoder.fill(features, lattice[missing[lattice]], report, cancel)
     except BaseException:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -336,4 +416,4 @@ def encode_volume(slices: np.ndarray, backbone: Backbone, batch_size: int = 1, c
     # SAM embeddings: the features themselves (LiteMedSAM's neck layer), or made from them
     return VolumeFeatures(Encoded(features=features, scale=encoded.scale, frame=encoded.frame,
                                   sam_embeddings=features if encoded.sam_embeddings is encoded.features else None,
-                                  sam_from_features=encoded.sam_from_features), (h, w), encoder)
+                                  sam_from_features=encoded.sam_from_features), (h, w), encoder, step)

@@ -25,7 +25,7 @@ from .adapters.base import TrainingPixels
 from .backbones import Backbone, build_backbone, pick_device
 from .config import ANATOMICAL_AXES, PipelineConfig, resolve_ensemble, resolve_location
 from .errors import CheckpointError, InputError
-from .features import AXIS_INDEX, VolumeFeatures, encode_volume, slices_along, volume_from_slices
+from .features import AXIS_INDEX, VolumeFeatures, encode_volume, encoding_step, slices_along, volume_from_slices
 from .guidance import label_reach, suggest_slices
 from .landmarks import LANDMARK_AREA_MM2, landmarks_from_label_map, match_point
 from .location import BodyFrame, LocatedFeatures, slice_to_volume
@@ -304,14 +304,26 @@ def prepare_volume(image: sitk.Image, config: PipelineConfig, backbone: Backbone
     start = time.perf_counter()
     axis = resolve_axis(config.axis, image)
     canonical = _to_canonical(image)
+    spacing_zyx = canonical.GetSpacing()[::-1]
     raw = sitk.GetArrayViewFromImage(canonical)     # normalize_volume makes the one copy
     modality = guess_modality(raw) if config.modality == "auto" else config.modality
     volume = normalize_volume(raw, modality, config.ct_window)
     del raw, canonical                               # the view dies before its image
     slices = slices_along(volume, axis)
     features = encode_volume(slices, backbone, batch_size=config.batch_size, cache_dir=config.cache_dir,
-                             progress=progress, cancel=cancel, progress_range=progress_range, on_demand=on_demand)
+                             progress=progress, cancel=cancel, progress_range=progress_range, on_demand=on_demand,
+                             step=_encoding_step(config, backbone, spacing_zyx, axis, slices.shape[1:]))
     return PreparedVolume(image, slices, features, axis, time.perf_counter() - start, modality)
+
+
+def _encoding_step(config: PipelineConfig, backbone: Backbone, spacing_zyx, axis: str,
+                   slice_shape: tuple[int, int]) -> int:
+    """config.encode_step, or (0) the step the slice spacing allows (features.encoding_step), from
+    the finer in-plane pixel size (a feature cell's smallest extent in mm)."""
+    spacing = [float(v) for v in spacing_zyx]
+    slice_mm = spacing.pop(AXIS_INDEX[axis])
+    cell_mm = backbone.cell_pixels(slice_shape) * min(spacing) if backbone.feature_stride else 0.0
+    return encoding_step(cell_mm, slice_mm, config.encode_step)
 
 
 def template_labels(template: sitk.Image, image: sitk.Image, labels: dict | None) -> tuple[list[int], dict[int, dict]]:
@@ -406,7 +418,7 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
         present = set(np.unique(index_map[template_slices]).tolist()) - {0}
         if len(present) < len(values):
             raise InputError("a label has no template pixels along the chosen axis")
-        prepared.features.ensure(template_slices)
+        prepared.features.keep_exact(template_slices)       # training reads their pixels
         features = prepared.adapter_features(config.location)
         for draws, draw_rng in zip([per_volume, *member_volumes], [rng, *member_rngs]):
             draws.append(sample_training_pixels(features, index_map, template_slices, config.samples_per_label,
@@ -837,7 +849,7 @@ def _scaled(progress: Progress, offset: float, factor: float) -> Progress:
 
 # Settings that act after the adapter and may differ from training when applying a saved adapter.
 RUNTIME_FIELDS = ("device", "precision", "compile", "score_stride_cells", "reachable_only", "cache_dir", "batch_size",
-                  "encode_on_demand", "refine",
+                  "encode_on_demand", "encode_step", "refine",
                   "n_points", "sam_checkpoint", "landmarks", "keep_components", "min_component_voxels",
                   "smooth_across_mm", "smooth_final_mm", "self_support")
 

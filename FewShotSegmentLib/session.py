@@ -19,7 +19,7 @@ from .config import PipelineConfig
 # Settings that decide which backbone a config builds (everything else is free to change).
 BACKBONE_FIELDS = ("backbone", "backbone_name", "checkpoint", "feature_layer", "device", "precision", "compile")
 # Settings that decide how a volume is normalized and sliced before encoding.
-VOLUME_FIELDS = ("axis", "modality", "ct_window")
+VOLUME_FIELDS = ("axis", "modality", "ct_window", "encode_step")
 
 
 def image_fingerprint(image: sitk.Image) -> str:

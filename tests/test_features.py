@@ -148,3 +148,43 @@ def test_encoding_all_at_once_reports_each_block_and_a_cancel_keeps_no_entry(tmp
         encode_volume(slices, CountingBackbone(), batch_size=4, cache_dir=tmp_path,
                       cancel=lambda: calls.append(1) or len(calls) > 3)
     assert not any(tmp_path.iterdir())                  # a cancelled encoding leaves no cache entry
+
+
+def test_with_a_step_only_the_lattice_is_encoded_and_slices_between_read_it_interpolated():
+    from FewShotSegmentLib.features import encoding_lattice
+
+    slices = _slices()
+    whole = encode_volume(slices, CountingBackbone(), batch_size=4)
+    backbone = CountingBackbone()
+    lazy = encode_volume(slices, backbone, batch_size=4, on_demand=True, step=2)
+    assert list(encoding_lattice(21, 2)) == list(range(0, 21, 2)) and list(encoding_lattice(20, 3)) == [0, 3, 6, 9, 12, 15, 18, 19]
+    assert _encoded_indices(backbone) == [8, 10, 12, 14]     # the lattice block holding the middle slice
+    between = lazy.slice_grid(13)
+    assert _encoded_indices(backbone) == [8, 10, 12, 14]     # slice 13 is read from 12 and 14, never encoded
+    torch.testing.assert_close(between, ((whole.features[12:13].float() + whole.features[14:15].float()) / 2).half())
+    torch.testing.assert_close(lazy.slice_grid(12), whole.features[12:13])     # the lattice: exact
+    lazy.ensure([19])                                         # 18 and 20: the last lattice block, padded
+    assert _encoded_indices(backbone) == [8, 10, 12, 14, 16, 18, 20]
+
+    before = lazy.sample(13, np.array([3]), np.array([5]))
+    lazy.keep_exact([13])                                     # a painted slice: training reads its own pixels
+    assert 13 in _encoded_indices(backbone) and lazy.encoded[13]
+    torch.testing.assert_close(lazy.slice_grid(13), whole.features[13:14])
+    version = lazy.version
+    lazy.keep_exact([5])                                      # another painting: 13 is interpolated again
+    assert lazy.version > version and 5 in _encoded_indices(backbone)
+    torch.testing.assert_close(lazy.slice_grid(13), between)
+    torch.testing.assert_close(lazy.sample(13, np.array([3]), np.array([5])), before)   # no stale copy kept
+    torch.testing.assert_close(lazy.grid[1::2].float(),     # every slice, 5 exact, the rest interpolated
+                               (whole.features[0:-1:2].float() + whole.features[2::2].float()) / 2, atol=1e-3, rtol=0)
+
+
+def test_the_step_follows_the_slice_spacing_against_the_feature_cell():
+    from FewShotSegmentLib.features import MAX_STEP, encoding_step
+
+    assert encoding_step(5.7, 1.12) == 2            # LiteMedSAM on a 512x512 CT of 0.7 mm pixels, 1.1 mm slices
+    assert encoding_step(5.7, 3.0) == 1             # the demo CT (3 mm)
+    assert encoding_step(5.0, 7.7) == 1             # CHAOS MRI
+    assert encoding_step(5.6, 0.5) == MAX_STEP      # never more than every MAX_STEP-th slice
+    assert encoding_step(5.7, 1.12, asked=1) == 1 and encoding_step(5.0, 7.7, asked=3) == 3
+    assert encoding_step(0.0, 1.0) == 1             # a backbone that names no cell
