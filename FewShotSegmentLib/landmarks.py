@@ -129,13 +129,12 @@ def match_point(features, descriptor: torch.Tensor, body_position, expected,
     u, spread v] body-relative, or None) via ``body_position`` ((n, 3) (slice, row, col) -> (n, 2)
     (u, v)); returns the median (slice, row, col) of the best cells that together cover
     ``area_px`` (the painted RoI's size), so one noisy cell does not decide."""
-    grid = features.grid                           # (N, C, h, w) float16, every slice encoded
-    n, _, h, w = grid.shape
+    n, (h, w) = len(features), features.features.shape[2:]
     descriptor = descriptor.float()
     unit = descriptor / descriptor.norm().clamp_min(1e-12)
     sims = torch.empty(n, h, w)
-    for i in range(n):                               # a slice at a time: the grid stays float16
-        cells = grid[i].float()
+    for i in range(n):       # a slice at a time (encoded, or interpolated, when first read): no float copy of the volume
+        cells = features.slice_grid(i)[0].float()
         sims[i] = torch.einsum("chw,c->hw", cells, unit) / cells.norm(dim=0).clamp_min(1e-12)
     # a cell spans frame / (cells * scale) image pixels (the frame may pad the slice)
     step = (features.frame[0] / (h * features.scale), features.frame[1] / (w * features.scale))

@@ -110,10 +110,10 @@ def test_localization_scores(shared_data):
 def test_match_point_takes_the_cells_most_like_the_roi_near_where_it_was():
     """Two cells look like the painted RoI; the one nearer the template's place wins, and
     without a place the more similar one does."""
-    from types import SimpleNamespace
-
     import torch
 
+    from FewShotSegmentLib.backbones import Encoded
+    from FewShotSegmentLib.features import VolumeFeatures
     from FewShotSegmentLib.landmarks import match_point
 
     grid = torch.randn(3, 8, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.1
@@ -121,7 +121,7 @@ def test_match_point_takes_the_cells_most_like_the_roi_near_where_it_was():
     descriptor[0] = 1.0
     grid[1, 0, 2, 3] = 5.0            # slice 1, near the top left: the best match by features
     grid[2, 0, 12, 13] = 4.0          # slice 2, bottom right: nearly as good, where the RoI was
-    features = SimpleNamespace(grid=grid.half(), frame=(64, 64), scale=1.0, slice_shape=(64, 64))
+    features = VolumeFeatures(Encoded(features=grid.half(), scale=1.0, frame=(64, 64)), (64, 64))
 
     def body_position(srcs):          # (slice, row, col) -> (u, v) in [-1, 1] of a 64 px slice
         return np.stack([srcs[:, 2] / 32 - 1, srcs[:, 1] / 32 - 1], 1)
