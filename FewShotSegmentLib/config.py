@@ -126,7 +126,7 @@ class PipelineConfig:
             raise InputError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile not in COMPILE_MODES:
             raise InputError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        if not isinstance(self.encode_step, int) or self.encode_step < 0:
+        if isinstance(self.encode_step, bool) or not isinstance(self.encode_step, int) or self.encode_step < 0:
             raise InputError(f"encode_step must be 0 (auto) or a number of slices, got {self.encode_step!r}")
         if self.location not in LOCATIONS:
             raise InputError(f"location must be one of {LOCATIONS}, got {self.location!r}")

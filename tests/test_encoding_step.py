@@ -41,3 +41,13 @@ def test_every_second_slice_of_a_thin_slice_ct_is_encoded_and_every_organ_is_fou
     assert pipeline._encoding_step(PipelineConfig(), backbone, (2.0, 0.977, 0.977), "axial", (512, 512)) == 1
     assert pipeline._encoding_step(PipelineConfig(), backbone, (1.12, 0.715, 0.715), "axial", (512, 512)) == 2
     assert pipeline._encoding_step(PipelineConfig(), backbone, (3.0, 3.0, 3.0), "axial", (101, 122)) == 1
+
+
+def test_a_bad_encode_step_is_a_one_line_error():
+    import pytest
+
+    from FewShotSegmentLib.errors import InputError
+
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(InputError, match="encode_step must be 0"):
+            PipelineConfig(encode_step=bad).validate()
