@@ -58,7 +58,9 @@ class Session:
             self.hits["volume"] += 1
             self._volumes.move_to_end(key)
             progress(0.55, "encode", "features of this volume from memory")
-            return self._volumes[key]
+            prepared = self._volumes[key]
+            prepared.seconds = 0.0      # this job spent nothing preparing it: its encode_s is its own
+            return prepared
         prepared = pipeline.prepare_volume(image, config, backbone, progress, cancel, on_demand=on_demand)
         self._volumes[key] = prepared
         while len(self._volumes) > self.max_volumes:

@@ -22,13 +22,16 @@ def test_a_changed_painting_warm_starts_and_the_same_painting_does_not(tmp_path)
     config = pipeline.resolved(PipelineConfig(steps=600, plateau_steps=50, refine="none", cache_dir="",
                                               device="cpu", compile="off", landmarks=False), image, template)
     session = Session()
-    first, _ = pipeline.run(image, template, config, session=session)
+    first, first_labels = pipeline.run(image, template, config, session=session)
     prepared = next(iter(session._volumes.values()))
     assert session.previous_model(prepared, config, Session.painting_key(more)) is first
     assert session.previous_model(prepared, config, Session.painting_key(template)) is None
 
-    warm, _ = pipeline.run(image, more, config, session=session)
+    warm, warm_labels = pipeline.run(image, more, config, session=session)
     assert session.hits == {"backbone": 1, "volume": 1}          # built and encoded once
+    # the second job encoded nothing, and says so (it reported the first job's encoding before)
+    assert first_labels.summary["timings"]["encode_s"] > 0
+    assert warm_labels.summary["timings"]["encode_s"] == 0.0
     cold, cold_labels = pipeline.run(image, more, config)        # the same painting, fresh process
     # measured: warm 200 steps, cold 350
     assert warm.adapter.steps_run < cold.adapter.steps_run
