@@ -322,7 +322,8 @@ def _encoding_step(config: PipelineConfig, backbone: Backbone, spacing_zyx, axis
     the finer in-plane pixel size (a feature cell's smallest extent in mm)."""
     spacing = [float(v) for v in spacing_zyx]
     slice_mm = spacing.pop(AXIS_INDEX[axis])
-    cell_mm = backbone.cell_pixels(slice_shape) * min(spacing) if backbone.feature_stride else 0.0
+    # a backbone that names no cell (a stand-in, a future model) keeps every slice
+    cell_mm = backbone.cell_pixels(slice_shape) * min(spacing) if getattr(backbone, "feature_stride", 0) else 0.0
     return encoding_step(cell_mm, slice_mm, config.encode_step)
 
 
