@@ -155,6 +155,7 @@ def main(argv=None):
     summary.update(command="benchmarks/memory.py " + " ".join(sys.argv[1:]), minutes=round(minutes, 1), commit=commit,
                    date=datetime.datetime.now().isoformat(timespec="minutes"))
     out = Path(args.out or ROOT / "benchmarks" / "results" / "memory_cpu.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(f"# Memory benchmark (cpu)\n\n- date: {summary['date']}\n- machine: {platform.machine()}, "
                    f"{os.cpu_count()} CPU cores\n- commit: {commit}\n- command: `.venv/bin/python {summary['command']}` "
                    f"({minutes:.1f} min)\n- stage columns: peak VmRSS (MB) while the job's progress was in that stage "
