@@ -96,7 +96,9 @@ class Backbone:
 
     def cell_pixels(self, slice_shape: tuple[int, int]) -> float:
         """Slice pixels per cell of the feature grid: the finest detail the features resolve
-        in-plane (LiteMedSAM on a 512x512 slice: 8 pixels)."""
+        in-plane (LiteMedSAM on a 512x512 slice: 8 pixels); 0 for a backbone that names no cell."""
+        if not self.feature_stride or not self.input_size:
+            return 0.0
         return self.feature_stride * max(slice_shape) / self.input_size
 
     def __init__(self, device: str = "auto"):

@@ -59,11 +59,11 @@ class EmbeddingsOnDemand:
 
     def __getitem__(self, index: int) -> torch.Tensor:
         index = int(index)
-        grid = self.features.slice_grid(index)
         if self.make is None:
-            return grid[0]
+            return self.features.slice_grid(index)[0]
+        # the grid only on a miss: off the lattice it is an interpolation, not a view
         if self._last is None or self._last[:2] != (index, self.features.version):
-            self._last = (index, self.features.version, self.make(grid)[0])
+            self._last = (index, self.features.version, self.make(self.features.slice_grid(index))[0])
         return self._last[2]
 
 
@@ -187,9 +187,13 @@ class VolumeFeatures:
         if self.step == 1:
             return np.unique(index)
         exact = self._exact[index]
-        below = index - index % self.step
-        above = np.minimum(below + self.step, len(self) - 1)
+        below, above = self._lattice_around(index)
         return np.unique(np.concatenate([index[exact], below[~exact], above[~exact]]))
+
+    def _lattice_around(self, index):
+        """The lattice slices at or below and above ``index`` (an int or an array of them)."""
+        below = index - index % self.step
+        return below, np.minimum(below + self.step, len(self) - 1)
 
     def ensure(self, indices) -> None:
         """Encode the slices these slices' grids need now if they are not yet (on-demand
@@ -213,8 +217,7 @@ class VolumeFeatures:
         self.ensure([index])
         if self._exact[index]:
             return self.features[index:index + 1]
-        below = index - index % self.step
-        above = min(below + self.step, len(self) - 1)
+        below, above = (int(v) for v in self._lattice_around(index))
         weight = (index - below) / (above - below)
         return torch.lerp(self.features[below:below + 1].float(), self.features[above:above + 1].float(),
                           weight).half()

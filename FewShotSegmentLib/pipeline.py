@@ -322,9 +322,8 @@ def _encoding_step(config: PipelineConfig, backbone: Backbone, spacing_zyx, axis
     the finer in-plane pixel size (a feature cell's smallest extent in mm)."""
     spacing = [float(v) for v in spacing_zyx]
     slice_mm = spacing.pop(AXIS_INDEX[axis])
-    # a backbone that names no cell (a stand-in, a future model) keeps every slice
-    cell_mm = backbone.cell_pixels(slice_shape) * min(spacing) if getattr(backbone, "feature_stride", 0) else 0.0
-    return encoding_step(cell_mm, slice_mm, config.encode_step)
+    # a backbone that names no cell (cell_pixels 0) keeps every slice
+    return encoding_step(backbone.cell_pixels(slice_shape) * min(spacing), slice_mm, config.encode_step)
 
 
 def template_labels(template: sitk.Image, image: sitk.Image, labels: dict | None) -> tuple[list[int], dict[int, dict]]:
