@@ -42,12 +42,18 @@ def label_reach(index: np.ndarray, label: int, margin: float = REACH_MARGIN) -> 
     size on every side (at least REACH_SLICES slices along the stack): the only place where a
     correction can change that label, since the clean-up keeps only components at the painting.
     The whole stack when the label is nowhere (then anywhere may be where it was missed)."""
-    where = np.nonzero(index == label)
-    if len(where[0]) == 0:
+    mask = index == label
+    # the box from the mask's projections: np.nonzero's three int64 coordinate arrays of a large
+    # label cost 0.2 s a call on a 512x512x300 volume
+    on = np.flatnonzero(mask.reshape(len(mask), -1).any(1))
+    if len(on) == 0:
         return (slice(None),) * 3
+    part = mask[on[0]:on[-1] + 1]
+    spans = [(on[0], on[-1])] + [(ax[0], ax[-1]) for ax in (np.flatnonzero(part.any((0, 2))),
+                                                              np.flatnonzero(part.any((0, 1))))]
     box = []
-    for axis, coords in enumerate(where):
-        lo, hi = int(coords.min()), int(coords.max()) + 1
+    for axis, (first, last) in enumerate(spans):
+        lo, hi = int(first), int(last) + 1
         grow = max(margin * (hi - lo), REACH_SLICES if axis == 0 else 1.0)
         box.append(slice(max(0, int(lo - grow)), min(index.shape[axis], int(np.ceil(hi + grow)))))
     return tuple(box)

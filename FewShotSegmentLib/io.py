@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .postprocess import values_present
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
 # .mhd keeps its voxels in a separate file that the header names, so it can't be written under a
@@ -263,7 +264,7 @@ def write_seg_nrrd(label_image: sitk.Image, path, labels: dict[int, dict], overw
     if values.dtype.kind not in "iu":
         raise InputError(f"label image must have an integer pixel type, got {values.dtype}")
     described = {int(v): spec for v, spec in labels.items()}
-    undescribed = sorted(set(np.unique(values).tolist()) - set(described) - {0})
+    undescribed = sorted(set(values_present(values).tolist()) - set(described) - {0})
     if undescribed:
         raise InputError(f"label values {undescribed} are in the image but not in labels; "
                          f"give each a name and colour")

@@ -30,7 +30,7 @@ from .guidance import label_reach, suggest_slices
 from .landmarks import LANDMARK_AREA_MM2, landmarks_from_label_map, match_point
 from .location import BodyFrame, LocatedFeatures, slice_to_volume
 from .postprocess import (AXIAL_MIN_SLICES, AXIAL_VARIATION_MM, axial_centre, choose_components, clean_label_map,
-                          cut_regrowth, default_keep, is_known_organ, strong_components)
+                          cut_regrowth, default_keep, is_known_organ, strong_components, values_present)
 from .preprocessing import guess_modality, normalize_volume
 from .propagation import score_volume
 from .refine import refinement_agreement, refine_label_slices
@@ -330,7 +330,7 @@ def template_labels(template: sitk.Image, image: sitk.Image, labels: dict | None
     """Label values to learn (those painted, restricted to ``labels`` when given) and their metadata."""
     if template.GetSize() != image.GetSize():
         raise InputError(f"template size {template.GetSize()} != image size {image.GetSize()}")
-    values = np.unique(sitk.GetArrayViewFromImage(template))
+    values = values_present(sitk.GetArrayViewFromImage(template))
     painted = [int(v) for v in values if v != 0]
     if not painted:
         raise InputError("template has no labelled voxels: paint at least one label on one slice")

@@ -19,6 +19,7 @@ from scipy import ndimage
 from .acceleration import resolve_precision
 from .mask_decoder import LOW_RES_PER_TOKEN, first_mask_logits
 from .backbones import load_litemedsam, load_state_dict
+from .postprocess import values_present
 from .runtime import small_ops
 from .errors import Cancelled, CheckpointError, InputError
 
@@ -289,7 +290,7 @@ def refine_label_slices(labels: np.ndarray, features, slices01: np.ndarray, stra
     copied unchanged, and so are slices without labels.
     """
     rng = np.random.default_rng(seed)
-    present = set(np.unique(labels).tolist()) - {0}
+    present = set(values_present(labels).tolist()) - {0}
     refine_values = present if refine_values is None else set(refine_values) & present
     out = labels.copy()
     if not refine_values:
