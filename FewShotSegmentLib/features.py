@@ -211,22 +211,14 @@ class VolumeFeatures:
         """Seconds spent encoding on demand so far."""
         return 0.0 if self.encoder is None else self.encoder.seconds
 
-    def interpolated_from(self, index: int) -> tuple[int, int, float] | None:
-        """(below, above, weight) when slice ``index`` is read as the lerp of two encoded slices'
-        grids by ``weight``; None when it is encoded itself."""
-        if self._exact[index]:
-            return None
-        below, above = (int(v) for v in self._lattice_around(index))
-        return below, above, (index - below) / (above - below)
-
     def slice_grid(self, index: int) -> torch.Tensor:
         """(1, C, h, w) float16 grid of one slice (encoded now if it is not yet; off the lattice,
         its neighbours' on it interpolated)."""
         self.ensure([index])
-        between = self.interpolated_from(index)
-        if between is None:
+        if self._exact[index]:
             return self.features[index:index + 1]
-        below, above, weight = between
+        below, above = (int(v) for v in self._lattice_around(index))
+        weight = (index - below) / (above - below)
         return torch.lerp(self.features[below:below + 1].float(), self.features[above:above + 1].float(),
                           weight).half()
 

@@ -9,7 +9,6 @@ of any label connects to the painting any more (segment scores the slices the ne
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -29,7 +28,6 @@ if TYPE_CHECKING:   # pipeline imports this module
 
 Progress = Callable[[float, str, str], None]
 IN_PLANE_8 = np.ones((3, 3), bool)     # a 2D section of the clean-up's 26-connectivity
-LATTICE_SCORES_KEPT = 4   # encoded slices' scores kept for the slices between them (a sweep needs 2)
 
 
 def _noop(fraction, stage, message):
@@ -147,41 +145,20 @@ class SliceDecisions:
         self.out = VolumeScores(*(np.zeros((self.n, h, w), np.uint8) for _ in range(4)),
                                 scored=np.zeros(self.n, bool), _slices=self)
         self._raw: dict[int, torch.Tensor] = {}
-        self._scored_lattice: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def _raw_scores(self, i: int) -> torch.Tensor:
         if i not in self._raw:
             if self.cancel and self.cancel():
                 raise Cancelled("cancelled while propagating")
-            # a slice between two encoded ones (thin slices, VolumeFeatures.step > 1) reads their
-            # features interpolated: it takes their scores interpolated the same way, for half
-            # (a third, ...) of the adapter's work; the location prior is still its own
-            between = self.features.interpolated_from(i)
-            if between is None:
-                scores = self._encoded_scores(i)
-            else:
-                below, above, weight = between
-                scores = torch.lerp(self._encoded_scores(below), self._encoded_scores(above), weight)
+            # a slice not encoded yet is encoded now, at the encoder's own threads and precision
+            self.features.ensure([i])
+            # small ops: more threads only on idle cores (runtime.small_ops)
+            with small_ops(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                scores = (adaptive_scores(self.adapter, self.features, i, self.stride)
+                          if self.config.adaptive_scoring
+                          else self.adapter.score_slice(self.features, i, self.stride)).float()
             self._raw[i] = scores if self.prior is None else self.prior.apply(scores, i)
         return self._raw[i]
-
-    def _encoded_scores(self, i: int) -> torch.Tensor:
-        """The adapter's scores of an encoded slice; the last few are kept, as the slices
-        between two encoded ones read both."""
-        if i in self._scored_lattice:
-            self._scored_lattice.move_to_end(i)
-            return self._scored_lattice[i]
-        # a slice not encoded yet is encoded now, at the encoder's own threads and precision
-        self.features.ensure([i])
-        # small ops: more threads only on idle cores (runtime.small_ops)
-        with small_ops(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            scores = (adaptive_scores(self.adapter, self.features, i, self.stride)
-                      if self.config.adaptive_scoring
-                      else self.adapter.score_slice(self.features, i, self.stride)).float()
-        self._scored_lattice[i] = scores
-        if len(self._scored_lattice) > LATTICE_SCORES_KEPT:
-            self._scored_lattice.popitem(last=False)
-        return scores
 
     def decide(self, j: int) -> None:
         """Slice j's decision from its own and its neighbours' scores (no-op when decided)."""
