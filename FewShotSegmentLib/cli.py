@@ -91,7 +91,7 @@ def _speed_args(group, default="auto"):
     group.add_argument("--precision", choices=PRECISIONS, default=default,
                        help="encoder arithmetic; auto: bf16 where the CPU/GPU has fast bf16, else fp32")
     group.add_argument("--compile", choices=COMPILE_MODES, default=default,
-                       help="torch.compile the encoder; auto: when a C++ compiler is available")
+                       help="compile the encoder ahead of time (AOTInductor, kept in a per-user cache); auto: when a C++ compiler is available")
     group.add_argument("--encode-step", type=int, default=0 if default == "auto" else None,
                        help="encode every N-th slice and interpolate the features between; 0: by the slice "
                             "spacing (every 2nd slice of a 1 mm CT), 1: every slice")

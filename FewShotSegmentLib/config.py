@@ -47,7 +47,8 @@ class PipelineConfig:
     landmarks: bool = True
     device: str = "auto"
     # encoder arithmetic: "auto" (bf16 on CPUs with AMX/AVX512-BF16 and on CUDA GPUs that have it,
-    # fp32 elsewhere), "fp32", "bf16"; torch.compile: "auto" (when a C++ compiler is there), "on", "off"
+    # fp32 elsewhere), "fp32", "bf16"; compiled ahead of time (acceleration.py, a package per machine in
+    # the per-user cache): "auto" (when a C++ compiler is there), "on", "off"
     precision: str = "auto"
     compile: str = "auto"
     seed: int = 0

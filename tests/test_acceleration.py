@@ -1,5 +1,5 @@
 """The fast encoder path: BatchNorm folding is exact, the optimized LiteMedSAM features match fp32
-eager, compile failures fall back to eager, and the feature cache is memory-mapped and safe."""
+eager, compiled packages are built once and reused, failures fall back to eager, and the feature cache is memory-mapped and safe."""
 import json
 from pathlib import Path
 
@@ -45,20 +45,71 @@ def test_no_compiler_means_eager_with_a_reason(monkeypatch):
     torch.testing.assert_close(fast(x), _conv_bn_net()(x), atol=1e-5, rtol=1e-5)
 
 
-def test_a_compiled_graph_that_fails_falls_back_to_eager(monkeypatch):
-    def broken_compile(module, **kwargs):
-        def run(x):
-            raise RuntimeError("simulated inductor failure")
-        return run
+@pytest.mark.skipif(acceleration.c_compiler() is None, reason="building a package needs a C++ compiler")
+def test_compiled_package_is_built_once_then_loaded_and_matches_eager(tmp_path, monkeypatch):
+    """The real AOTInductor path: the first call builds a package in the cache folder, a new
+    wrapper (a new process) loads it without exporting again; other weights get their own."""
+    x = torch.rand(2, 3, 16, 16)
+    expected = _conv_bn_net()(x)
+    fast = acceleration.accelerate(_conv_bn_net(), torch.device("cpu"), "fp32", "on", package_folder=tmp_path)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), expected, atol=1e-4, rtol=1e-4)
+    assert fast.compile and not fast.notes
+    (package,) = tmp_path.glob("*.pt2")
 
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the package is in the cache")
+
+    monkeypatch.setattr(torch.export, "export", no_export)
+    again = acceleration.accelerate(_conv_bn_net(), torch.device("cpu"), "fp32", "on", package_folder=tmp_path)
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), expected, atol=1e-4, rtol=1e-4)
+    assert again.compile and list(tmp_path.glob("*.pt2")) == [package]
+    other = _conv_bn_net()
+    other[0][0].weight.data += 1
+    example = x.contiguous(memory_format=torch.channels_last)
+    folded = acceleration.fold_batchnorm(other)
+    assert acceleration.package_key(folded, example) != package.stem
+    assert acceleration.package_key(folded, example[:1]) != acceleration.package_key(folded, example)
+
+
+def test_a_package_that_cannot_be_built_or_run_falls_back_to_eager(tmp_path, monkeypatch):
     monkeypatch.setattr(acceleration, "c_compiler", lambda: "/usr/bin/g++")
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    fast = acceleration.accelerate(_conv_bn_net(), torch.device("cpu"), precision="fp32", compile="on")
     x = torch.rand(1, 3, 8, 8)
-    with pytest.warns(UserWarning, match="eager fallback"):
-        out = fast(x)
-    torch.testing.assert_close(out, _conv_bn_net()(x), atol=1e-5, rtol=1e-5)
-    assert not fast.compile and "simulated inductor failure" in fast.notes[-1]
+    expected = _conv_bn_net()(x)
+
+    def no_build(module, example, folder):
+        raise RuntimeError("simulated export failure")
+
+    monkeypatch.setattr(acceleration, "compiled_package", no_build)
+    fast = acceleration.accelerate(_conv_bn_net(), torch.device("cpu"), "fp32", "on", package_folder=tmp_path)
+    with pytest.warns(UserWarning, match="could not be built, eager fallback"):
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+    assert not fast.compile and "simulated export failure" in fast.notes[-1]
+
+    # a damaged package file: removed (the next process builds it anew), eager now
+    damaged = tmp_path / "damaged.pt2"
+    damaged.write_bytes(b"not a package")
+    monkeypatch.setattr(acceleration, "compiled_package", lambda module, example, folder: damaged)
+    fast = acceleration.accelerate(_conv_bn_net(), torch.device("cpu"), "fp32", "on", package_folder=tmp_path)
+    with pytest.warns(UserWarning, match="could not be loaded"):
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+    assert not damaged.exists()
+
+    # a package that loads but fails when it runs
+    class Broken:
+        def aoti_load_package(self, path):
+            def run(x):
+                raise RuntimeError("simulated kernel failure")
+            return run
+
+    monkeypatch.setattr(acceleration, "compiled_package", lambda module, example, folder: tmp_path / "any.pt2")
+    monkeypatch.setattr(acceleration, "_inductor", lambda: Broken())
+    fast = acceleration.accelerate(_conv_bn_net(), torch.device("cpu"), "fp32", "on", package_folder=tmp_path)
+    with pytest.warns(UserWarning, match="failed, eager fallback"):
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)
+    assert not fast.compile and "simulated kernel failure" in fast.notes[-1]
+    torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=1e-5)   # eager from then on
 
 
 def test_precision_follows_the_cpu():
@@ -118,8 +169,11 @@ def test_optimized_litemedsam_features_match_fp32_eager(ct_slices):
     """Measured: bf16 features keep a cosine of ~0.9986 to fp32 eager, folded fp32 ~1.0."""
     eager = build_backbone("litemedsam", device="cpu", precision="fp32", compile="off")
     reference = encode_volume(ct_slices, eager, batch_size=4)
-    for precision, floor in (("fp32", 0.9999), ("bf16", 0.995)):
-        fast = build_backbone("litemedsam", device="cpu", precision=precision, compile="off")
+    # the default (auto: bf16 where the CPU has it, compiled where a compiler is) as the pipeline runs it
+    tags = {}
+    for precision, compile, floor in (("fp32", "off", 0.9999), ("bf16", "off", 0.995), ("auto", "auto", 0.995)):
+        fast = build_backbone("litemedsam", device="cpu", precision=precision, compile=compile)
+        tags[precision] = fast.cache_tag
         got = encode_volume(ct_slices, fast, batch_size=4)       # 5 slices: the last batch is padded
         assert got.features.shape == reference.features.shape
         assert _cosine(got.features, reference.features) >= floor
@@ -127,7 +181,7 @@ def test_optimized_litemedsam_features_match_fp32_eager(ct_slices):
         assert got.sam_embeddings[3].shape == (256, 64, 64)
         assert _cosine(torch.stack([got.sam_embeddings[i] for i in range(len(got))]),
                        eager.model.image_encoder.neck(reference.features.float())) >= floor
-    assert eager.cache_tag != fast.cache_tag and eager.id == fast.id   # one model, two caches
+    assert tags["fp32"] == eager.cache_tag != tags["bf16"] and eager.id == fast.id   # one model, two caches
 
 
 def test_feature_cache_is_memory_mapped_and_an_interrupted_entry_is_recomputed(ct_slices, tmp_path):
