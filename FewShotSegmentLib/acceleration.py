@@ -136,8 +136,7 @@ def compiled_package(module: torch.nn.Module, example: torch.Tensor, folder: Pat
         handle, partial = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
         os.close(handle)
         try:
-            _inductor().aoti_compile_and_package(program, package_path=partial,
-                                                     inductor_configs={"freezing": True})
+            _inductor().aoti_compile_and_package(program, package_path=partial, inductor_configs={"freezing": True})
             os.replace(partial, path)
         finally:
             if os.path.exists(partial):
@@ -148,8 +147,8 @@ def compiled_package(module: torch.nn.Module, example: torch.Tensor, folder: Pat
 @dataclass
 class Accelerated:
     """A module wrapped for fast inference, and what was chosen for it. With ``compile`` on, each
-    input shape gets a compiled package on its first call (``compiled_package``); a shape whose
-    package cannot be built, loaded or run is served by the eager module from then on."""
+    input shape gets a compiled package on its first call (``compiled_package``); once a package
+    cannot be built, loaded or run, every call runs the eager module."""
     module: torch.nn.Module
     precision: str                      # "fp32" or "bf16"
     compile: bool                       # compiled packages are used (False once one failed)
