@@ -37,7 +37,7 @@ import SimpleITK as sitk
 import torch
 
 from FewShotSegmentLib import io, pipeline, templates
-from FewShotSegmentLib.config import PipelineConfig
+from FewShotSegmentLib.config import COMPILE_MODES, PRECISIONS, PipelineConfig
 from FewShotSegmentLib.landmarks import localization_scores
 from FewShotSegmentLib.metrics import format_table, per_label_scores
 
@@ -182,7 +182,8 @@ class Runner:
     def config(self, method: str) -> PipelineConfig:
         adapter, centre = METHODS[method]
         return PipelineConfig(adapter=adapter, center_features=centre, cache_dir=self.args.cache_dir,
-                              device="cpu", seed=self.args.seed).validate()
+                              device="cpu", seed=self.args.seed, precision=self.args.precision,
+                              compile=self.args.compile).validate()
 
     def get_backbone(self):
         if self.backbone is None:
@@ -446,6 +447,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: measured 4-10x faster than 2 here when other jobs share the 2 cores)")
     parser.add_argument("--cache-dir", default=CACHE)
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the encoder's arithmetic (fp32 with --compile off: the reference the fast encoder must match)")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "accuracy.md"))
     parser.add_argument("--fresh", action="store_true", help="ignore finished runs recorded next to --out")
