@@ -106,8 +106,17 @@ def _inductor():
     return torch._inductor
 
 
+def _settings(module: torch.nn.Module) -> list:
+    """Every submodule's plain attributes (numbers, strings, flags): what a forward may branch on
+    that neither repr() nor the weights show (LiteMedSAM's features: which layer is returned)."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return [(name, type(m).__qualname__, sorted((k, repr(v)) for k, v in vars(m).items()
+                                                if not k.startswith("_") and isinstance(v, plain)))
+            for name, m in module.named_modules()]
+
+
 def package_key(module: torch.nn.Module, example: torch.Tensor) -> str:
-    """What a compiled package depends on: the module (its structure and every weight), the input
+    """What a compiled package depends on: the module (its structure, settings and every weight), the input
     (shape, dtype, layout), the device, torch's version and thread count (inductor's CPU kernels
     are compiled for a number of threads) and the CPU's vector instructions."""
     digest = hashlib.blake2b(digest_size=16)
@@ -115,7 +124,7 @@ def package_key(module: torch.nn.Module, example: torch.Tensor) -> str:
     hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
                 else f"{platform.machine()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()}")
     digest.update(repr((torch.__version__, hardware, tuple(example.shape), tuple(example.stride()),
-                        str(example.dtype), repr(module))).encode())
+                        str(example.dtype), repr(module), _settings(module))).encode())
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
@@ -128,6 +137,7 @@ def compiled_package(module: torch.nn.Module, example: torch.Tensor, folder: Pat
     atomically (two processes building it at once both end with a whole file)."""
     path = Path(folder) / f"{package_key(module, example)}.pt2"
     if path.is_file():
+        os.utime(path)          # recently used: pruning keeps it
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_inductor_cache()))
@@ -141,7 +151,19 @@ def compiled_package(module: torch.nn.Module, example: torch.Tensor, folder: Pat
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
+    prune_packages(path.parent)
     return path
+
+
+KEEP_PACKAGES = 8       # compiled packages a cache folder keeps: the most recently used
+
+
+def prune_packages(folder: Path, keep: int = KEEP_PACKAGES) -> None:
+    """Remove all but the ``keep`` most recently used packages (15-50 MB each for LiteMedSAM and
+    ViT-S; every new checkpoint, shape or torch version makes another)."""
+    packages = sorted(Path(folder).glob("*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in packages[keep:]:
+        old.unlink(missing_ok=True)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The fast encoder path: BatchNorm folding is exact, the optimized LiteMedSAM features match fp32
 eager, compiled packages are built once and reused, failures fall back to eager, and the feature cache is memory-mapped and safe."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_no_compiler_means_eager_with_a_reason(monkeypatch):
 @pytest.mark.skipif(acceleration.c_compiler() is None, reason="building a package needs a C++ compiler")
 def test_compiled_package_is_built_once_then_loaded_and_matches_eager(tmp_path, monkeypatch):
     """The real AOTInductor path: the first call builds a package in the cache folder, a new
-    wrapper (a new process) loads it without exporting again; other weights get their own."""
+    wrapper (a new process) loads it without exporting again."""
     x = torch.rand(2, 3, 16, 16)
     expected = _conv_bn_net()(x)
     fast = acceleration.accelerate(_conv_bn_net(), torch.device("cpu"), "fp32", "on", package_folder=tmp_path)
@@ -65,12 +66,31 @@ def test_compiled_package_is_built_once_then_loaded_and_matches_eager(tmp_path, 
     with torch.inference_mode():
         torch.testing.assert_close(again(x), expected, atol=1e-4, rtol=1e-4)
     assert again.compile and list(tmp_path.glob("*.pt2")) == [package]
+    # the folder keeps the most recently used packages
+    for age, name in enumerate(("old", "older", "oldest"), start=1):
+        stale = tmp_path / f"{name}.pt2"
+        stale.write_bytes(b"")
+        os.utime(stale, (1e9 - age, 1e9 - age))
+    acceleration.prune_packages(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("*.pt2")) == sorted([package.name, "old.pt2"])
+
+
+def test_package_key_follows_weights_shape_and_settings():
+    """A package is reused only for the same weights, input and forward: other weights, another
+    batch shape or a setting the forward branches on (LiteMedSAM: which layer) get their own."""
+    example = torch.rand(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    folded = acceleration.fold_batchnorm(_conv_bn_net())
+    key = acceleration.package_key(folded, example)
+    assert acceleration.package_key(acceleration.fold_batchnorm(_conv_bn_net()), example) == key
     other = _conv_bn_net()
     other[0][0].weight.data += 1
-    example = x.contiguous(memory_format=torch.channels_last)
-    folded = acceleration.fold_batchnorm(other)
-    assert acceleration.package_key(folded, example) != package.stem
-    assert acceleration.package_key(folded, example[:1]) != acceleration.package_key(folded, example)
+    assert acceleration.package_key(acceleration.fold_batchnorm(other), example) != key
+    assert acceleration.package_key(folded, example[:1]) != key
+    from FewShotSegmentLib.backbones import _TinyViTFeatures, load_litemedsam
+    encoder = load_litemedsam("").image_encoder
+    frames = torch.rand(1, 3, 256, 256)
+    keys = {acceleration.package_key(_TinyViTFeatures(encoder, neck), frames) for neck in (False, True)}
+    assert len(keys) == 2
 
 
 def test_a_package_that_cannot_be_built_or_run_falls_back_to_eager(tmp_path, monkeypatch):

@@ -45,6 +45,7 @@ def test_dinov2_from_local_checkpoint_with_other_image_size(tmp_path):
     """A DINOv2 checkpoint as the original code saves it (518 px position grid) loads offline."""
     import timm
 
+    torch.manual_seed(0)            # the same weights every run: one compiled package, not one a run
     source = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, num_classes=0)
     path = tmp_path / "dinov2_mri.pth"
     torch.save(source.state_dict(), path)
