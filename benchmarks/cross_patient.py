@@ -44,6 +44,7 @@ from accuracy import CHAOS_LABELS, CHAOS_PATIENTS, ROOT, chaos_volume, git_commi
 from FewShotSegmentLib import pipeline, templates  # noqa: E402
 from FewShotSegmentLib.config import PipelineConfig  # noqa: E402
 from FewShotSegmentLib.metrics import dice, format_table  # noqa: E402
+from FewShotSegmentLib.session import BACKBONE_FIELDS, VOLUME_FIELDS  # noqa: E402
 
 # keys of cross_patient.json kept by hand, not computed here
 HISTORY_KEYS = ("development_variants", "earlier_default", "landmarks_development")
@@ -109,6 +110,7 @@ class Runner:
                 record = json.loads(line)
                 self.records[record["key"]] = record
         self.patients = None
+        self.patients_settings = None
 
     def key(self, part, supports, query, settings):
         return json.dumps([part, supports, query, settings, LIBRARY])
@@ -122,8 +124,11 @@ class Runner:
             handle.write(json.dumps(record) + "\n")
 
     def ensure_patients(self, config):
-        if self.patients is None:
-            self.patients = Patients(config)
+        # a variant that changes the backbone or how volumes are prepared (flip_features,
+        # feature_layer, ...) gets its own encoder and features, not the first variant's
+        wanted = {k: getattr(config, k) for k in BACKBONE_FIELDS + VOLUME_FIELDS}
+        if self.patients is None or self.patients_settings != wanted:
+            self.patients, self.patients_settings = Patients(config), wanted
         return self.patients
 
     def run_part(self, part, variant: dict) -> list[dict]:
