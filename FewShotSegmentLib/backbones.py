@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import runtime
 from .acceleration import Accelerated, accelerate
+from .config import FEATURE_LAYERS
 from .errors import CheckpointError, InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -147,14 +148,13 @@ class LiteMedSAMBackbone(Backbone):
     def __init__(self, layer: str = "preneck", checkpoint: str = "", device: str = "auto",
                  precision: str = "auto", compile: str = "auto"):
         super().__init__(device)
-        if layer not in ("preneck", "neck"):
-            raise InputError(f"LiteMedSAM layer must be 'preneck' or 'neck', got {layer!r}")
+        if layer not in FEATURE_LAYERS:
+            raise InputError(f"LiteMedSAM layer must be one of {FEATURE_LAYERS}, got {layer!r}")
         self.layer = layer
         self.model = load_litemedsam(checkpoint).to(self.device).eval()
         # the refiner shares self.model (fp32); the encoder runs as its own folded, fast copy
-        self.fast = accelerate(_TinyViTFeatures(self.model.image_encoder, neck=layer == "neck"), self.device,
-                               precision, compile)
-        self.feature_dim = 320 if layer == "preneck" else 256
+        self.fast = accelerate(_TinyViTFeatures(self.model.image_encoder, layer), self.device, precision, compile)
+        self.feature_dim = {"preneck": 320, "neck": 256, "stages": 160 + 320}[layer]
         tag = Path(checkpoint).name if checkpoint else "bundled"
         self.id = f"litemedsam[{tag}]:{layer}"
 
@@ -167,7 +167,7 @@ class LiteMedSAMBackbone(Backbone):
         features = self.fast(x.expand(-1, 3, -1, -1)).half().cpu()
         return Encoded(features=features, scale=scale, frame=(self.input_size, self.input_size),
                        sam_embeddings=features if self.layer == "neck" else None,
-                       sam_from_features=self.sam_from_features if self.layer == "preneck" else None)
+                       sam_from_features=self.sam_from_features if self.layer != "neck" else None)
 
     def sam_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """(n, 320, 64, 64) pre-neck features (float16) -> (n, 256, 64, 64) float16 SAM embeddings:
@@ -175,26 +175,33 @@ class LiteMedSAMBackbone(Backbone):
         if self.layer == "neck":
             return features
         bf16 = self.fast.precision == "bf16"
+        preneck = features[:, -320:]            # "stages": the pre-neck channels come last
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            return self.model.image_encoder.neck(features.to(self.device).float()).half().cpu()
+            return self.model.image_encoder.neck(preneck.to(self.device).float()).half().cpu()
 
 
 class _TinyViTFeatures(torch.nn.Module):
     """LiteMedSAM's TinyViT image encoder returning its 320-channel pre-neck tokens (as a 64x64
-    grid), or with ``neck`` the 256-channel neck output (the SAM embedding)."""
+    grid), the 256-channel neck output (``neck``: the SAM embedding), or (``stages``) the second
+    stage's 160 channels, the first stage on the 64x64 grid, followed by the pre-neck's."""
 
-    def __init__(self, encoder: torch.nn.Module, neck: bool = False):
+    def __init__(self, encoder: torch.nn.Module, layer: str = "preneck"):
         super().__init__()
         self.encoder = encoder
-        self.neck = neck
+        self.layer = layer
 
     def forward(self, x):
         enc = self.encoder
         tokens = enc.layers[0](enc.patch_embed(x))
-        for layer in enc.layers[1:]:
+        grids = []
+        for i, layer in enumerate(enc.layers[1:], start=1):
             tokens = layer(tokens)
+            if i == 1 and self.layer == "stages":
+                grids.append(tokens.view(x.shape[0], 64, 64, -1).permute(0, 3, 1, 2))
         preneck = tokens.view(x.shape[0], 64, 64, -1).permute(0, 3, 1, 2)
-        return enc.neck(preneck) if self.neck else preneck
+        if self.layer == "neck":
+            return enc.neck(preneck)
+        return torch.cat(grids + [preneck], 1) if grids else preneck
 
 
 _LITEMEDSAM_CACHE: dict[str, torch.nn.Module] = {}

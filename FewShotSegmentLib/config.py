@@ -17,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
 LOCATIONS = ("auto", "off", "inplane", "3d")
+FEATURE_LAYERS = ("preneck", "neck", "stages")     # LiteMedSAM's (backbones.LiteMedSAMBackbone)
 
 
 @dataclass
@@ -26,8 +27,12 @@ class PipelineConfig:
     backbone: str = "litemedsam"
     backbone_name: str = "vit_small_patch14_dinov2"
     checkpoint: str = ""
-    # LiteMedSAM: "preneck" (320 ch, localizes better) or "neck" (256 ch, the SAM embedding)
-    feature_layer: str = "preneck"
+    # LiteMedSAM: "preneck" (320 ch, localizes better), "neck" (256 ch, the SAM embedding),
+    # "stages" (the first 64x64 stage's 160 channels beside the pre-neck's: finer, more local
+    # detail) or "auto": "stages" for an adapter trained to label other volumes (the "train" task;
+    # across patients 0.833 -> 0.853 within range, benchmarks/results/cross_patient.md), "preneck"
+    # for one that labels its painted volume (resolve_feature_layer)
+    feature_layer: str = "auto"
     # intensity: "auto" (CT if the range looks like HU, else MRI), "ct", "mri"
     modality: str = "auto"
     # CT window name ("abdomen", "soft_tissue", "lung", "bone", "brain", "liver") or "center,width"
@@ -131,8 +136,8 @@ class PipelineConfig:
             raise InputError(f"encode_step must be 0 (auto) or a number of slices, got {self.encode_step!r}")
         if self.location not in LOCATIONS:
             raise InputError(f"location must be one of {LOCATIONS}, got {self.location!r}")
-        if self.feature_layer not in ("preneck", "neck"):
-            raise InputError(f"feature_layer must be 'preneck' or 'neck', got {self.feature_layer!r}")
+        if self.feature_layer not in ("auto",) + FEATURE_LAYERS:
+            raise InputError(f"feature_layer must be one of {('auto',) + FEATURE_LAYERS}, got {self.feature_layer!r}")
         if self.modality not in ("auto", "ct", "mri"):
             raise InputError(f"modality must be 'auto', 'ct' or 'mri', got {self.modality!r}")
         if not 0.0 <= self.self_support <= 1.0:
@@ -162,6 +167,15 @@ def resolve_location(location: str, for_other_volumes: bool) -> str:
     if location != "auto":
         return location
     return "inplane" if for_other_volumes else "off"
+
+
+def resolve_feature_layer(layer: str, for_other_volumes: bool) -> str:
+    """The LiteMedSAM features a training reads: "auto" becomes "stages" when the adapter will
+    label volumes nobody painted, "preneck" when it labels its painted volume (there the painting
+    anchors every label, and 320 channels keep the loop's features a third smaller)."""
+    if layer != "auto":
+        return layer
+    return "stages" if for_other_volumes else "preneck"
 
 
 # adapters averaged in an adapter trained to label other volumes (config.ensemble 0, "auto")

@@ -23,7 +23,7 @@ from .adapters import Adapter, EnsembleAdapter, adapter_from_state, create_adapt
 from .acceleration import resolve_precision
 from .adapters.base import TrainingPixels
 from .backbones import Backbone, build_backbone, pick_device
-from .config import ANATOMICAL_AXES, PipelineConfig, resolve_ensemble, resolve_location
+from .config import ANATOMICAL_AXES, PipelineConfig, resolve_ensemble, resolve_feature_layer, resolve_location
 from .errors import CheckpointError, InputError
 from .features import AXIS_INDEX, VolumeFeatures, encode_volume, encoding_step, slices_along, volume_from_slices
 from .guidance import label_reach, suggest_slices
@@ -273,9 +273,10 @@ def resolve_axis(axis: str, image: sitk.Image, template: sitk.Image | None = Non
 def resolved(config: PipelineConfig, image: sitk.Image, template: sitk.Image | None = None,
              for_other_volumes: bool = False) -> PipelineConfig:
     """A copy of ``config`` whose axis is an anatomical one (see resolve_axis) and whose location
-    mode and ensemble size are not "auto" (config.resolve_location, resolve_ensemble): the
-    settings a training depends on."""
+    mode, ensemble size and feature layer are not "auto" (config.resolve_location,
+    resolve_ensemble, resolve_feature_layer): the settings a training depends on."""
     return PipelineConfig.from_dict({**config.to_dict(), "axis": resolve_axis(config.axis, image, template),
+                                     "feature_layer": resolve_feature_layer(config.feature_layer, for_other_volumes),
                                      "location": resolve_location(config.location, for_other_volumes),
                                      "ensemble": resolve_ensemble(config.ensemble, for_other_volumes)})
 
@@ -290,7 +291,8 @@ def check_image(image: sitk.Image) -> None:
 
 def build_backbone_for(config: PipelineConfig) -> Backbone:
     return build_backbone(config.backbone, name=config.backbone_name, checkpoint=config.checkpoint,
-                          layer=config.feature_layer, device=config.device, precision=config.precision,
+                          layer=resolve_feature_layer(config.feature_layer, False), device=config.device,
+                          precision=config.precision,
                           compile=config.compile)
 
 
@@ -403,6 +405,7 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
         raise InputError(f"the template volumes mix modalities {sorted(modalities)}: train one adapter per modality")
     matched = match_labels(examples)
     config = PipelineConfig.from_dict({**config.to_dict(), "axis": examples[0][0].axis,
+                                       "feature_layer": resolve_feature_layer(config.feature_layer, for_other_volumes),
                                        "location": resolve_location(config.location, for_other_volumes),
                                        "ensemble": resolve_ensemble(config.ensemble, for_other_volumes)})
     rng = np.random.default_rng(config.seed)

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import CHAOS_LABELS, CHAOS_PATIENTS, ROOT, chaos_volume, git_commit  # noqa: E402
 
 from FewShotSegmentLib import pipeline, templates  # noqa: E402
-from FewShotSegmentLib.config import PipelineConfig  # noqa: E402
+from FewShotSegmentLib.config import PipelineConfig, resolve_feature_layer  # noqa: E402
 from FewShotSegmentLib.metrics import dice, format_table  # noqa: E402
 from FewShotSegmentLib.session import BACKBONE_FIELDS, VOLUME_FIELDS  # noqa: E402
 
@@ -61,6 +61,9 @@ class Patients:
     """The five volumes, each read and encoded once per process (features cached on disk)."""
 
     def __init__(self, config: PipelineConfig):
+        # the features of an adapter trained for other volumes (what train_many resolves "auto" to)
+        config = PipelineConfig.from_dict({**config.to_dict(),
+                                           "feature_layer": resolve_feature_layer(config.feature_layer, True)})
         self.config = config
         self.backbone = pipeline.build_backbone_for(config)
         self.volumes = {n: chaos_volume(n) for n in CHAOS_PATIENTS}

@@ -89,8 +89,8 @@ def test_package_key_follows_weights_shape_and_settings():
     from FewShotSegmentLib.backbones import _TinyViTFeatures, load_litemedsam
     encoder = load_litemedsam("").image_encoder
     frames = torch.rand(1, 3, 256, 256)
-    keys = {acceleration.package_key(_TinyViTFeatures(encoder, neck), frames) for neck in (False, True)}
-    assert len(keys) == 2
+    keys = {acceleration.package_key(_TinyViTFeatures(encoder, layer), frames) for layer in ("preneck", "neck", "stages")}
+    assert len(keys) == 3
 
 
 def test_a_package_that_cannot_be_built_or_run_falls_back_to_eager(tmp_path, monkeypatch):

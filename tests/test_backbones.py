@@ -28,6 +28,20 @@ def test_litemedsam_preneck_and_sam_embedding(litemedsam):
     assert torch.isfinite(encoded.features.float()).all()
 
 
+def test_litemedsam_stages_are_the_second_stage_beside_the_preneck():
+    slices = np.random.default_rng(2).random((2, 120, 100), dtype=np.float32)
+    preneck = build_backbone("litemedsam", device="cpu", precision="fp32", compile="off").encode(slices)
+    stages = build_backbone("litemedsam", layer="stages", device="cpu", precision="fp32", compile="off")
+    encoded = stages.encode(slices)
+    assert stages.feature_dim == 480 and encoded.features.shape == (2, 480, 64, 64)
+    torch.testing.assert_close(encoded.features[:, 160:], preneck.features, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(encoded.features[:, :160].float(), preneck.features[:, :160].float(), atol=0.1)
+    # refinement's SAM embedding comes from the pre-neck channels alone
+    torch.testing.assert_close(VolumeFeatures(encoded, (120, 100)).sam_embeddings[1],
+                               VolumeFeatures(preneck, (120, 100)).sam_embeddings[1], atol=1e-2, rtol=1e-2)
+    assert "stages" in stages.id
+
+
 def test_pixel_sampling_follows_the_image(litemedsam):
     """A bright square on a dark slice: features sampled inside it resemble each other more than
     features outside it, so pixel coordinates map onto the right feature cells."""
