@@ -102,6 +102,10 @@ class PipelineConfig:
     # each pixel lies to where the template had the label (propagation.LocationPrior; the exponent of
     # that weight; 0 disables)
     location_prior: float = 1.0
+    # on a volume without painting: after a first choice of components, each label's expected
+    # in-plane place is taken again from where the other labels were found and the template's
+    # offsets between them (pipeline.relative_place), not from the body outline alone
+    relative_place: bool = True
     # on a volume without painting (another patient): a second pass in which this fraction of each
     # label's reference pixels (contrastive) or prototype (basic) comes from the pixels the first
     # pass was surest of on that volume (self-support; pipeline.target_support); 0 disables

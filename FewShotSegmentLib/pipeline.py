@@ -765,8 +765,8 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
     conf = volume_from_slices(confidence, axis)
     slice_axis = AXIS_INDEX[axis]
 
-    def choose(k, value, anchors=None):
-        expected = model.locations.get(value)
+    def choose(k, value, anchors=None, expected=None):
+        expected = expected or model.locations.get(value)
         area = model.areas_mm2.get(value, 0.0) / prepared.pixel_area_mm2
         voxels = model.volumes_mm3.get(value, 0.0) / (prepared.pixel_area_mm2 * prepared.slice_spacing_mm)
         return choose_components(volume == k, conf, keep[k], config.min_component_voxels,
@@ -776,16 +776,19 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
     chosen = {k: choose(k, value) for k, value in enumerate(model.label_values, start=1)}
     # then each label again, from where the others were found (the template's order along the scan)
     spacing = prepared.slice_spacing_mm
-    found = {}
+    found, found_uv = {}, {}
     for k, (mask, _) in chosen.items():
         along = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != slice_axis)))
         if len(along):
             found[model.label_values[k - 1]] = axial_centre(along[0], along[-1])
+            found_uv[model.label_values[k - 1]] = prepared.body_position(
+                np.array([ndimage.center_of_mass(mask)], np.float64))[0]
     final = {}
     for k, value in enumerate(model.label_values, start=1):
         offsets = model.axial_offsets_mm.get(value, {})
         anchors = [(found[a], mm / spacing, AXIAL_VARIATION_MM / spacing) for a, mm in offsets.items() if a in found]
-        final[k] = choose(k, value, anchors) if anchors else chosen[k]
+        expected = (relative_place(value, model.locations, found_uv) if config.relative_place else None)
+        final[k] = choose(k, value, anchors, expected) if anchors or expected else chosen[k]
     cleaned = np.zeros(volume.shape, np.uint8)
     for k, value in enumerate(model.label_values, start=1):
         mask, kept = final[k]
@@ -793,6 +796,22 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
         if report is not None:
             report[model.labels[value]["name"]] = kept
     return np.ascontiguousarray(slices_along(cleaned, axis))
+
+
+def relative_place(value: int, locations: dict, found_uv: dict) -> list[float] | None:
+    """Where the template puts label ``value`` in-plane, taken from where the other labels were
+    found on this volume: per found label a, its place plus the template's offset from a to
+    ``value``; the median over them, so one label found in the wrong place does not decide. The
+    body-relative frame differs between patients by more than organs move against each other
+    (CHAOS P2's organs all lie some 0.1-0.25 further back than P8's). None without a found label."""
+    if value not in locations:
+        return None
+    own = np.asarray(locations[value][:2], np.float64)
+    guesses = [found_uv[a] + own - np.asarray(locations[a][:2], np.float64)
+               for a in found_uv if a != value and a in locations]
+    if not guesses:
+        return None
+    return [*np.median(np.stack(guesses), 0).tolist(), *locations[value][2:4]]
 
 
 def _clean(index, seeds, keep, min_voxels, axis):
