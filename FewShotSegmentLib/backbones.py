@@ -83,11 +83,19 @@ def load_state_dict(path) -> dict:
     return state
 
 
+# Bumped whenever the encoder's arithmetic changes (BatchNorm folding, the compiler, fusion): features
+# cached by an earlier path differ by up to 1e-3 in cosine, which moves one-slice results by up to 0.2
+# Dice (benchmarks/results/accuracy.md), so they are not read back as this path's. 2: compiled ahead
+# of time with freezing (acceleration.py)
+ENCODER_ARITHMETIC = "arith2"
+
+
 class Backbone:
     """Base class: subclasses set ``id`` and ``feature_dim`` and implement ``_encode``.
 
     ``id`` names the model (an adapter trained on its features fits any precision of it);
-    ``cache_tag`` adds the numeric precision, so cached features of fp32 and bf16 never mix."""
+    ``cache_tag`` adds the numeric precision and the encoder's arithmetic version, so cached features
+    of fp32 and bf16, or of an earlier encoder path, never mix."""
     id = "backbone"
     feature_dim = 0
     provides_sam_embeddings = False
@@ -108,7 +116,7 @@ class Backbone:
 
     @property
     def cache_tag(self) -> str:
-        return f"{self.id}|{self.fast.precision if self.fast else 'fp32'}"
+        return f"{self.id}|{self.fast.precision if self.fast else 'fp32'}|{ENCODER_ARITHMETIC}"
 
     @property
     def acceleration(self) -> dict:

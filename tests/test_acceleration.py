@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from FewShotSegmentLib import acceleration, runtime
+from FewShotSegmentLib import acceleration, backbones, runtime
 from FewShotSegmentLib.adapters.base import Plateau
 from FewShotSegmentLib.backbones import build_backbone
 from FewShotSegmentLib.features import encode_volume
@@ -202,6 +202,7 @@ def test_optimized_litemedsam_features_match_fp32_eager(ct_slices):
         assert _cosine(torch.stack([got.sam_embeddings[i] for i in range(len(got))]),
                        eager.model.image_encoder.neck(reference.features.float())) >= floor
     assert tags["fp32"] == eager.cache_tag != tags["bf16"] and eager.id == fast.id   # one model, two caches
+    assert eager.cache_tag.endswith(backbones.ENCODER_ARITHMETIC)     # an earlier encoder's cache is not read
 
 
 def test_feature_cache_is_memory_mapped_and_an_interrupted_entry_is_recomputed(ct_slices, tmp_path):

@@ -193,3 +193,28 @@ def test_where_the_other_labels_were_found_along_the_scan_chooses_the_component(
     # too far from everything the template says: not found
     kept, _ = choose_components(mask, confidence, 1, 20, anchors=[(60.0, 8.0, 3.0)])
     assert not kept.any()
+
+
+def test_the_place_expected_in_plane_follows_where_the_other_labels_were_found():
+    """Another patient's body frame shifts every organ alike (CHAOS P2's lie 0.1-0.25 further back
+    than P8's): the expected place comes from the labels found and the template's offsets."""
+    template = {1: [-0.6, 0.0, 0.2, 0.2], 2: [0.4, 0.3, 0.1, 0.1], 3: [0.8, 0.1, 0.1, 0.1]}
+    shift = np.array([0.05, 0.25])
+    found = {1: np.array([-0.6, 0.0]) + shift, 2: np.array([0.4, 0.3]) + shift}
+    expected = pipeline.relative_place(3, template, found)
+    np.testing.assert_allclose(expected, [0.85, 0.35, 0.1, 0.1])
+    # one of three labels found in the wrong place: the median still follows the two that agree
+    found[4], template[4] = np.array([0.9, -0.9]), [0.0, 0.0, 0.1, 0.1]
+    np.testing.assert_allclose(pipeline.relative_place(3, template, found)[:2], [0.85, 0.35])
+    # nothing else found, or a label the template does not place: the body frame alone
+    assert pipeline.relative_place(3, template, {3: np.zeros(2)}) is None
+    assert pipeline.relative_place(5, template, found) is None
+    # and the component at the shifted place wins over one at the template's absolute place
+    mask, confidence = _two_blobs()
+    absolute = (-0.5, -0.5, 0.1, 0.1)                      # the small blob's place
+    kept, _ = choose_components(mask, confidence, 1, 20, _position, absolute)
+    assert kept[4, 10, 10]
+    shifted = pipeline.relative_place(1, {1: list(absolute), 2: [-0.6, -0.6, 0.1, 0.1]},
+                                      {2: np.array([0.4, 0.4])})
+    kept, _ = choose_components(mask, confidence, 1, 20, _position, shifted)
+    assert kept[4, 27, 30] and not kept[4, 10, 10]
