@@ -152,6 +152,7 @@ class LiteMedSAMBackbone(Backbone):
     input_size = 256
     feature_stride = 4               # 256 px in, a 64x64 grid out
     provides_sam_embeddings = True
+    PRENECK, NECK, STAGE = 320, 256, 160     # channels of the pre-neck tokens, the neck, the 64x64 stage
 
     def __init__(self, layer: str = "preneck", checkpoint: str = "", device: str = "auto",
                  precision: str = "auto", compile: str = "auto"):
@@ -162,7 +163,7 @@ class LiteMedSAMBackbone(Backbone):
         self.model = load_litemedsam(checkpoint).to(self.device).eval()
         # the refiner shares self.model (fp32); the encoder runs as its own folded, fast copy
         self.fast = accelerate(_TinyViTFeatures(self.model.image_encoder, layer), self.device, precision, compile)
-        self.feature_dim = {"preneck": 320, "neck": 256, "stages": 160 + 320}[layer]
+        self.feature_dim = {"preneck": self.PRENECK, "neck": self.NECK, "stages": self.STAGE + self.PRENECK}[layer]
         tag = Path(checkpoint).name if checkpoint else "bundled"
         self.id = f"litemedsam[{tag}]:{layer}"
 
@@ -183,7 +184,7 @@ class LiteMedSAMBackbone(Backbone):
         if self.layer == "neck":
             return features
         bf16 = self.fast.precision == "bf16"
-        preneck = features[:, -320:]            # "stages": the pre-neck channels come last
+        preneck = features[:, -self.PRENECK:]   # "stages": the pre-neck channels come last
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             return self.model.image_encoder.neck(preneck.to(self.device).float()).half().cpu()
 

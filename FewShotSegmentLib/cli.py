@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import (ADAPTERS, ANATOMICAL_AXES, AXES, COMPILE_MODES, DEVICES, ENSEMBLE_FOR_OTHER_VOLUMES, FEATURE_LAYERS,
+from .config import (ADAPTERS, ANATOMICAL_AXES, AXES, COMPILE_MODES, DEVICES, ENSEMBLE_FOR_OTHER_VOLUMES, FEATURE_LAYER_CHOICES,
                      LOCATIONS, PRECISIONS, REFINEMENTS, PipelineConfig)
 from .errors import Cancelled, FewShotError, InputError
 
@@ -58,7 +58,7 @@ def _config_args(parser):
     g.add_argument("--backbone", choices=("litemedsam", "dinov2", "checkpoint"), default="litemedsam")
     g.add_argument("--backbone-name", default="vit_small_patch14_dinov2", help="timm model name for DINOv2")
     g.add_argument("--checkpoint", default="", help="local backbone weights file (offline use)")
-    g.add_argument("--feature-layer", choices=("auto",) + FEATURE_LAYERS, default="auto",
+    g.add_argument("--feature-layer", choices=FEATURE_LAYER_CHOICES, default="auto",
                    help="LiteMedSAM features; auto: stages for train, preneck for run")
     g.add_argument("--modality", choices=("auto", "ct", "mri"), default="auto")
     g.add_argument("--ct-window", default="abdomen", help="preset name or 'center,width' in HU")

@@ -18,6 +18,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMPILE_MODES = ("auto", "on", "off")
 LOCATIONS = ("auto", "off", "inplane", "3d")
 FEATURE_LAYERS = ("preneck", "neck", "stages")     # LiteMedSAM's (backbones.LiteMedSAMBackbone)
+FEATURE_LAYER_CHOICES = ("auto",) + FEATURE_LAYERS  # "auto": resolve_feature_layer
 
 
 @dataclass
@@ -140,8 +141,8 @@ class PipelineConfig:
             raise InputError(f"encode_step must be 0 (auto) or a number of slices, got {self.encode_step!r}")
         if self.location not in LOCATIONS:
             raise InputError(f"location must be one of {LOCATIONS}, got {self.location!r}")
-        if self.feature_layer not in ("auto",) + FEATURE_LAYERS:
-            raise InputError(f"feature_layer must be one of {('auto',) + FEATURE_LAYERS}, got {self.feature_layer!r}")
+        if self.feature_layer not in FEATURE_LAYER_CHOICES:
+            raise InputError(f"feature_layer must be one of {FEATURE_LAYER_CHOICES}, got {self.feature_layer!r}")
         if self.modality not in ("auto", "ct", "mri"):
             raise InputError(f"modality must be 'auto', 'ct' or 'mri', got {self.modality!r}")
         if not 0.0 <= self.self_support <= 1.0:
