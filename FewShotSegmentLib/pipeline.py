@@ -747,7 +747,8 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
     where a label widens again beyond its painting (cut_regrowth), plus, for labels whose name is
     not a known organ, the components the adapter is sure of. Without
     one (another patient): per label the component(s) with the best evidence, none when nothing
-    is convincing. ``report`` collects the kept components' evidence per label name."""
+    is convincing; chosen twice, the second time against where the other labels were found.
+    ``report`` collects the kept components' evidence per label name."""
     config, axis = model.config, prepared.axis
     if seeds is not None:
         cleaned = _clean(index, seeds, keep, config.min_component_voxels, axis)
@@ -774,7 +775,8 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
                                  voxels)
 
     chosen = {k: choose(k, value) for k, value in enumerate(model.label_values, start=1)}
-    # then each label again, from where the others were found (the template's order along the scan)
+    # then each label again, from where the others were found: the template's order along the scan,
+    # and (relative_place) its in-plane offsets from them
     spacing = prepared.slice_spacing_mm
     found, found_uv = {}, {}
     for k, (mask, _) in chosen.items():
