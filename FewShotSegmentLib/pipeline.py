@@ -275,7 +275,12 @@ def resolved(config: PipelineConfig, image: sitk.Image, template: sitk.Image | N
     """A copy of ``config`` whose axis is an anatomical one (see resolve_axis) and whose location
     mode, ensemble size and feature layer are not "auto" (config.resolve_location,
     resolve_ensemble, resolve_feature_layer): the settings a training depends on."""
-    return PipelineConfig.from_dict({**config.to_dict(), "axis": resolve_axis(config.axis, image, template),
+    return _training_config(config, resolve_axis(config.axis, image, template), for_other_volumes)
+
+
+def _training_config(config: PipelineConfig, axis: str, for_other_volumes: bool) -> PipelineConfig:
+    """``config`` along ``axis``, with the "auto" settings a training depends on resolved."""
+    return PipelineConfig.from_dict({**config.to_dict(), "axis": axis,
                                      "feature_layer": resolve_feature_layer(config.feature_layer, for_other_volumes),
                                      "location": resolve_location(config.location, for_other_volumes),
                                      "ensemble": resolve_ensemble(config.ensemble, for_other_volumes)})
@@ -404,10 +409,7 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
     if len(modalities) > 1:
         raise InputError(f"the template volumes mix modalities {sorted(modalities)}: train one adapter per modality")
     matched = match_labels(examples)
-    config = PipelineConfig.from_dict({**config.to_dict(), "axis": examples[0][0].axis,
-                                       "feature_layer": resolve_feature_layer(config.feature_layer, for_other_volumes),
-                                       "location": resolve_location(config.location, for_other_volumes),
-                                       "ensemble": resolve_ensemble(config.ensemble, for_other_volumes)})
+    config = _training_config(config, examples[0][0].axis, for_other_volumes)
     rng = np.random.default_rng(config.seed)
     # each further adapter of an ensemble learns from its own draw of training pixels: which pixels
     # are drawn moves an organ across patients more than the adapter's own seed does
@@ -805,7 +807,7 @@ def relative_place(value: int, locations: dict, found_uv: dict) -> list[float] |
     found on this volume: per found label a, its place plus the template's offset from a to
     ``value``; the median over them, so one label found in the wrong place does not decide. The
     body-relative frame differs between patients by more than organs move against each other
-    (CHAOS P2's organs all lie some 0.1-0.25 further back than P8's). None without a found label."""
+    (CHAOS P2's organs all lie 0.06-0.28 further back than P8's). None without a found label."""
     if value not in locations:
         return None
     own = np.asarray(locations[value][:2], np.float64)
