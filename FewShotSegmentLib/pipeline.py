@@ -767,11 +767,13 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
     volume = volume_from_slices(index, axis)
     conf = volume_from_slices(confidence, axis)
     slice_axis = AXIS_INDEX[axis]
+    scanned_mm = len(index) * prepared.slice_spacing_mm      # how far this volume reaches along the axis
 
     def choose(k, value, anchors=None, expected=None):
         expected = expected or model.locations.get(value)
         area = model.areas_mm2.get(value, 0.0) / prepared.pixel_area_mm2
-        voxels = model.volumes_mm3.get(value, 0.0) / (prepared.pixel_area_mm2 * prepared.slice_spacing_mm)
+        voxels = (model.volumes_mm3.get(value, 0.0) * scan_coverage(model, value, scanned_mm)
+                  / (prepared.pixel_area_mm2 * prepared.slice_spacing_mm))
         return choose_components(volume == k, conf, keep[k], config.min_component_voxels,
                                  prepared.body_position if expected else None, expected, area, slice_axis, anchors,
                                  voxels)
@@ -800,6 +802,18 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
         if report is not None:
             report[model.labels[value]["name"]] = kept
     return np.ascontiguousarray(slices_along(cleaned, axis))
+
+
+def scan_coverage(model: TrainedModel, value: int, scanned_mm: float) -> float:
+    """The share of label ``value``'s painted span (along the propagation axis) that a volume
+    reaching ``scanned_mm`` along it can hold: 1 for a scan longer than the span, less for a
+    slab (a 4 cm CT series through the upper abdomen holds 4 cm of a liver painted over 10). The
+    template's volume estimate is scaled by it, so an organ cut by the scan's ends is not taken
+    for a fragment (measured: such a liver had 0.11 of the unscaled estimate and was "not found")."""
+    area, volume = model.areas_mm2.get(value, 0.0), model.volumes_mm3.get(value, 0.0)
+    if area <= 0 or volume <= 0:
+        return 1.0
+    return float(min(1.0, scanned_mm / (volume / area)))
 
 
 def relative_place(value: int, locations: dict, found_uv: dict) -> list[float] | None:
