@@ -29,8 +29,9 @@ from .features import AXIS_INDEX, VolumeFeatures, encode_volume, encoding_step, 
 from .guidance import label_reach, suggest_slices
 from .landmarks import LANDMARK_AREA_MM2, landmarks_from_label_map, match_point
 from .location import BodyFrame, LocatedFeatures, slice_to_volume
-from .postprocess import (AXIAL_MIN_SLICES, AXIAL_VARIATION_MM, axial_centre, choose_components, clean_label_map,
-                          cut_regrowth, default_keep, is_known_organ, strong_components, values_present)
+from .postprocess import (AXIAL_MIN_SLICES, AXIAL_VARIATION_MM, axial_centre, centre_bounds, choose_components,
+                          clean_label_map, cut_regrowth, default_keep, is_known_organ, strong_components,
+                          values_present)
 from .preprocessing import guess_modality, normalize_volume
 from .propagation import score_volume
 from .refine import refinement_agreement, refine_label_slices
@@ -768,6 +769,8 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
     conf = volume_from_slices(confidence, axis)
     slice_axis = AXIS_INDEX[axis]
     scanned_mm = len(index) * prepared.slice_spacing_mm      # how far this volume reaches along the axis
+    # each label's painted span in this volume's slices: an organ reaches at least that far
+    span_slices = {v: painted_span_mm(model, v) / prepared.slice_spacing_mm for v in model.label_values}
 
     def choose(k, value, anchors=None, expected=None):
         expected = expected or model.locations.get(value)
@@ -776,7 +779,7 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
                   / (prepared.pixel_area_mm2 * prepared.slice_spacing_mm))
         return choose_components(volume == k, conf, keep[k], config.min_component_voxels,
                                  prepared.body_position if expected else None, expected, area, slice_axis, anchors,
-                                 voxels)
+                                 voxels, span_slices.get(value, 0.0))
 
     chosen = {k: choose(k, value) for k, value in enumerate(model.label_values, start=1)}
     # then each label again, from where the others were found: the template's order along the scan,
@@ -786,8 +789,9 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
     for k, (mask, _) in chosen.items():
         along = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != slice_axis)))
         if len(along):
-            found[model.label_values[k - 1]] = axial_centre(along[0], along[-1])
-            found_uv[model.label_values[k - 1]] = prepared.body_position(
+            value = model.label_values[k - 1]
+            found[value] = centre_bounds(along[0], along[-1], volume.shape[slice_axis], span_slices.get(value, 0.0))
+            found_uv[value] = prepared.body_position(
                 np.array([ndimage.center_of_mass(mask)], np.float64))[0]
     final = {}
     for k, value in enumerate(model.label_values, start=1):
@@ -804,16 +808,21 @@ def _clean_by_evidence(index, seeds, keep, confidence, model: TrainedModel, prep
     return np.ascontiguousarray(slices_along(cleaned, axis))
 
 
-def scan_coverage(model: TrainedModel, value: int, scanned_mm: float) -> float:
-    """The share of label ``value``'s painted span (along the propagation axis) that a volume
-    reaching ``scanned_mm`` along it can hold: 1 for a scan longer than the span, less for a
-    slab (a 4 cm CT series through the upper abdomen holds 4 cm of a liver painted over 10). The
-    template's volume estimate is scaled by it, so an organ cut by the scan's ends is not taken
-    for a fragment (measured: such a liver had 0.11 of the unscaled estimate and was "not found")."""
+def painted_span_mm(model: TrainedModel, value: int) -> float:
+    """How far label ``value`` was painted along the propagation axis (mm; 0 when painted on fewer
+    than AXIAL_MIN_SLICES slices): a low estimate of how far the organ reaches."""
     area, volume = model.areas_mm2.get(value, 0.0), model.volumes_mm3.get(value, 0.0)
-    if area <= 0 or volume <= 0:
-        return 1.0
-    return float(min(1.0, scanned_mm / (volume / area)))
+    return volume / area if area > 0 and volume > 0 else 0.0
+
+
+def scan_coverage(model: TrainedModel, value: int, scanned_mm: float) -> float:
+    """The share of label ``value``'s painted span that a volume reaching ``scanned_mm`` along
+    the propagation axis can hold: 1 for a scan longer than the span, less for a slab (a 4 cm CT
+    series through the upper abdomen holds 4 cm of a liver painted over 10). The template's
+    volume estimate is scaled by it, so an organ cut by the scan's ends is not taken for a
+    fragment (measured: such a liver had 0.11 of the unscaled estimate and was "not found")."""
+    span = painted_span_mm(model, value)
+    return float(min(1.0, scanned_mm / span)) if span > 0 else 1.0
 
 
 def relative_place(value: int, locations: dict, found_uv: dict) -> list[float] | None:

@@ -203,11 +203,38 @@ def axial_centre(first: float, last: float) -> float:
     return 0.5 * (first + last)
 
 
-def axial_distance(centre: float, anchors: list[tuple[float, float, float]]) -> float:
+def centre_bounds(first: int, last: int, length: int, extent: float = 0.0) -> tuple[float, float]:
+    """Where the centre of a structure seen on slices ``first``..``last`` of a scan ``length``
+    slices long may lie. ``extent``: how far (in slices) the structure reaches at least (a
+    label's painted span; 0: unknown). Seen over less than that and cut by the scan's first slice,
+    it continues beyond it, so its centre lies at or below the one seen (at or above, cut by the
+    last slice; anywhere, cut by both); otherwise its centre is the one seen. A 4 cm slab holds
+    every organ on all of its slices, and their centres there say nothing of the template's
+    offsets between them; an organ seen whole (or a false extension running to the scan's end)
+    keeps its centre."""
+    centre = axial_centre(first, last)
+    if last - first >= extent:
+        return (centre, centre)
+    return (-np.inf if first <= 0 else centre, np.inf if last >= length - 1 else centre)
+
+
+def _bounds(centre) -> tuple[float, float]:
+    return (float(centre), float(centre)) if np.isscalar(centre) else (float(centre[0]), float(centre[1]))
+
+
+def axial_distance(centre, anchors: list[tuple]) -> float:
     """How far (in spreads) a component centred at slice ``centre`` lies from where the template
     puts it relative to each anchor (anchor centre, expected offset, spread; all in slices): the
-    median over anchors, so one anchor found in the wrong place does not decide."""
-    return float(np.median([abs((centre - at) - offset) / spread for at, offset, spread in anchors]))
+    median over anchors, so one anchor found in the wrong place does not decide. A centre (the
+    component's or an anchor's) may be given as bounds (centre_bounds): the distance is then the
+    least the bounds allow."""
+    low, high = _bounds(centre)
+    distances = []
+    for at, offset, spread in anchors:
+        at_low, at_high = _bounds(at)
+        least, most = low - at_high, high - at_low          # what (centre - anchor) may be
+        distances.append(max(0.0, least - offset, offset - most) / spread)
+    return float(np.median(distances))
 
 
 def component_evidence(components: np.ndarray, index, confidence: np.ndarray | None,
@@ -237,14 +264,16 @@ def component_evidence(components: np.ndarray, index, confidence: np.ndarray | N
 def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int = 1, min_voxels: int = 20,
                       position=None, expected=None, painted_area: float = 0.0,
                       slice_axis: int = 0, anchors: list[tuple[float, float, float]] | None = None,
-                      painted_volume: float = 0.0) -> tuple[np.ndarray, list[dict]]:
+                      painted_volume: float = 0.0, painted_span: float = 0.0) -> tuple[np.ndarray, list[dict]]:
     """On a volume without painting: keep the ``keep`` components of a label's (z, y, x) mask that
     the evidence supports best (component_evidence), never simply the largest; none when no
     component is convincing (the label is then "not found"). ``painted_area``: the label's median
     cross-section on the template's painted slices, in this volume's pixels (0: not checked);
     a component's largest cross-section along ``slice_axis`` must reach MIN_AREA_FRACTION of it.
     ``anchors``: where the other labels were found along ``slice_axis`` and where the template
-    puts this one from them (axial_distance); that distance joins the in-plane one.
+    puts this one from them (axial_distance); that distance joins the in-plane one. A component
+    shorter than ``painted_span`` (the template's painted span in slices; 0: not known) and cut by
+    the scan's first or last slice has only a bound for its centre (centre_bounds).
     ``painted_volume``: the template's low estimate of the organ's volume in this volume's voxels
     (0: not checked); a component must reach MIN_VOLUME_FRACTION of it.
     Returns (mask, evidence of the kept)."""
@@ -264,7 +293,9 @@ def choose_components(mask: np.ndarray, confidence: np.ndarray | None, keep: int
         extents = ndimage.find_objects(components)
         for e in evidence:
             along = extents[e["component"] - 1][slice_axis]
-            centre = box[slice_axis].start + axial_centre(along.start, along.stop - 1)
+            first = box[slice_axis].start + along.start
+            centre = centre_bounds(first, first + along.stop - 1 - along.start, mask.shape[slice_axis],
+                                   painted_span)
             e["axial_distance"] = round(axial_distance(centre, anchors), 3)
             e["distance"] = round(float(np.hypot(e["distance"], e["axial_distance"])), 3)
             e["score"] = float(e["voxels"] * e["confidence"] * np.exp(-0.5 * e["distance"] ** 2))

@@ -20,6 +20,10 @@ Parts (the five development patients of ../shared/data/chaos_mri):
   patient's reference point: in-plane distance in pixels and 3D distance in mm; "within 10 px"
   is the paper's criterion (Table I). The labelled region's centroid on its middle slice
   (`mid_`, the adapter's region) is reported beside it.
+- slab: the one-support adapters applied to a short scan: SLAB_SLICES (5, 38 mm) of each other
+  patient centred on its spleen's middle slice, as a slab through the upper abdomen would be;
+  Dice on the slab for the organs in it, and whether an organ in it was lost ("not found") or
+  one not in it was given voxels.
 
 Each variant is a set of PipelineConfig overrides (`--variant key=value,key=value`; the first
 variant is the reported one). Finished runs are appended to <out>.runs.jsonl keyed by part, patients,
@@ -57,6 +61,9 @@ SHORT = {v: short for v, (_, short) in CHAOS_LABELS.items()}
 LABELS = {v: {"name": name} for v, (name, _) in CHAOS_LABELS.items()}
 
 
+SLAB_SLICES = 5
+
+
 class Patients:
     """The five volumes, each read and encoded once per process (features cached on disk)."""
 
@@ -73,6 +80,22 @@ class Patients:
         if n not in self._prepared:
             self._prepared[n] = pipeline.prepare_volume(self.volumes[n].image, self.config, self.backbone)
         return self._prepared[n]
+
+    def slab(self, n, count: int = SLAB_SLICES):
+        """(prepared, reference) of ``count`` slices of patient ``n`` around its spleen's middle slice."""
+        key = ("slab", n, count)
+        if key not in self._prepared:
+            volume = self.volumes[n]
+            along = np.flatnonzero((volume.reference == ORGANS[-1]).any(axis=tuple(a for a in range(3) if a != volume.axis)))
+            low = int(along.mean()) - count // 2
+            window = [slice(None)] * 3
+            window[volume.axis] = slice(low, low + count)
+            image_window = [slice(None)] * 3
+            image_window[2 - volume.axis] = slice(low, low + count)      # SimpleITK indexes (x, y, z)
+            image = volume.image[tuple(image_window)]
+            self._prepared[key] = (pipeline.prepare_volume(image, self.config, self.backbone),
+                                   volume.reference[tuple(window)])
+        return self._prepared[key]
 
     def image_of(self, n, array):
         image = sitk.GetImageFromArray(array)
@@ -142,7 +165,7 @@ class Runner:
             plans = [([s], [q for q in CHAOS_PATIENTS if q != s]) for s in CHAOS_PATIENTS]
         elif part == "four":
             plans = [([s for s in CHAOS_PATIENTS if s != q], [q]) for q in CHAOS_PATIENTS]
-        elif part == "landmarks":
+        elif part in ("landmarks", "slab"):
             plans = [([s], [q for q in CHAOS_PATIENTS if q != s]) for s in CHAOS_PATIENTS]
         results = []
         for supports, queries in plans:
@@ -167,7 +190,8 @@ class Runner:
         train_s = time.perf_counter() - start
         for q in queries:
             start = time.perf_counter()
-            prediction = pipeline.segment(model, patients.prepared(q))
+            query, reference = patients.slab(q) if part == "slab" else (patients.prepared(q), None)
+            prediction = pipeline.segment(model, query)
             segment_s = time.perf_counter() - start
             volume = patients.volumes[q]
             labels = sitk.GetArrayFromImage(prediction.labels)
@@ -177,6 +201,10 @@ class Runner:
                       "components": prediction.summary.get("components", {})}
             if part == "landmarks":
                 record["landmarks"] = self.landmark_errors(prediction, volume)
+            elif part == "slab":
+                record["dice"] = {SHORT[v]: dice(labels == v, reference == v) if (reference == v).any() else None
+                                  for v in ORGANS}
+                record["false"] = [SHORT[v] for v in ORGANS if not (reference == v).any() and (labels == v).any()]
             else:
                 record["dice"] = scores(labels, volume.reference, volume.axis)
             print(f"  {part} {supports}->{q}: " + json.dumps(record.get("dice") or record["landmarks"]), flush=True)
@@ -223,6 +251,30 @@ def dice_summary(records) -> dict:
             "min_organ_volume": round(min(r["dice"][o]["volume"] for r in records for o in organs), 4),
             "per_organ": {o: {k: round(v, 4) for k, v in d.items()} for o, d in per_organ.items()},
             "not_found": sum(len(r["not_found"]) for r in records), "runs": len(records)}
+
+
+def slab_summary(records) -> dict:
+    """Dice on the slab over the organs in it; ``lost``: organs in it reported not found;
+    ``false``: organs not in it that were given voxels."""
+    organs = [SHORT[v] for v in ORGANS]
+    scored = [r["dice"][o] for r in records for o in organs if r["dice"][o] is not None]
+    return {"mean": round(mean(scored), 4), "min_organ": round(min(scored), 4),
+            "lost": sum(1 for r in records for v in ORGANS
+                        if r["dice"][SHORT[v]] is not None and LABELS[v]["name"] in r["not_found"]),
+            "false": sum(len(r["false"]) for r in records),
+            "per_organ": {o: round(mean([r["dice"][o] for r in records]), 4) for o in organs}, "runs": len(records)}
+
+
+def slab_table(records) -> str:
+    rows = []
+    for r in records:
+        row = {"support": f"P{r['supports'][0]}", "query": f"P{r['query']}"}
+        for o in (SHORT[v] for v in ORGANS):
+            row[o] = "-" if r["dice"][o] is None else round(r["dice"][o], 3)
+        row["not found"] = ",".join(r["not_found"]) or "-"
+        row["false"] = ",".join(r["false"]) or "-"
+        rows.append(row)
+    return format_table(rows, list(rows[0]))
 
 
 def landmark_summary(records) -> dict:
@@ -272,7 +324,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", action="append", default=None,
                         help="config overrides key=value[,key=value]; repeat; the first is reported")
-    parser.add_argument("--parts", default="one,four,landmarks")
+    parser.add_argument("--parts", default="one,four,landmarks,slab")
     parser.add_argument("--out", default=str(RESULTS / "cross_patient"))
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--no-report", action="store_true")
@@ -296,8 +348,7 @@ def main(argv=None):
     minutes = (time.perf_counter() - started) / 60
     summary = {}
     for (name, part), records in results.items():
-        summary.setdefault(name, {})[{"one": "one_support", "four": "four_support", "landmarks": "landmarks"}[part]] = \
-            landmark_summary(records) if part == "landmarks" else dice_summary(records)
+        summary.setdefault(name, {})[PART_KEYS[part]] = SUMMARIES.get(part, dice_summary)(records)
     for name, parts in summary.items():
         print(name, json.dumps(parts, indent=1))
     if args.no_report:
@@ -331,14 +382,20 @@ def main(argv=None):
                 row[f"{key} not found"] = parts[key]["not_found"]
         if "landmarks" in parts:
             row["landmarks within 10 px"] = parts["landmarks"]["within_10px"]
+        if "slab" in parts:
+            row["slab mean"], row["slab lost"] = parts["slab"]["mean"], parts["slab"]["lost"]
         rows.append(row)
     lines += ["```", format_table(rows, list(rows[0])), "```", ""]
     for (name, part), records in results.items():
-        lines += [f"## {name}: {part}", "", "```",
-                  landmark_table(records) if part == "landmarks" else pair_table(records), "```", ""]
-        s = summary[name][{"one": "one_support", "four": "four_support", "landmarks": "landmarks"}[part]]
+        lines += [f"## {name}: {part}", "", "```", TABLES.get(part, pair_table)(records), "```", ""]
+        s = summary[name][PART_KEYS[part]]
         lines += ["per organ: `" + json.dumps(s["per_organ"]) + "`", ""]
     Path(args.out).with_suffix(".md").write_text("\n".join(lines))
+
+
+PART_KEYS = {"one": "one_support", "four": "four_support", "landmarks": "landmarks", "slab": "slab"}
+SUMMARIES = {"landmarks": landmark_summary, "slab": slab_summary}
+TABLES = {"landmarks": landmark_table, "slab": slab_table}
 
 
 if __name__ == "__main__":

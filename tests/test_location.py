@@ -6,7 +6,8 @@ import SimpleITK as sitk
 from FewShotSegmentLib import location, pipeline
 from FewShotSegmentLib.config import PipelineConfig, resolve_location
 from FewShotSegmentLib.errors import InputError
-from FewShotSegmentLib.postprocess import MIN_VOLUME_FRACTION, choose_components, is_known_organ, strong_components
+from FewShotSegmentLib.postprocess import (MIN_VOLUME_FRACTION, axial_distance, centre_bounds, choose_components,
+                                          is_known_organ, strong_components)
 
 
 def _phantom():
@@ -218,3 +219,35 @@ def test_the_place_expected_in_plane_follows_where_the_other_labels_were_found()
                                       {2: np.array([0.4, 0.4])})
     kept, _ = choose_components(mask, confidence, 1, 20, _position, shifted)
     assert kept[4, 27, 30] and not kept[4, 10, 10]
+
+
+def test_a_structure_cut_by_the_scan_has_only_a_bound_for_its_centre():
+    """A slab holds every organ on all of its slices: their centres there are not where the
+    template's offsets put them. A structure seen over less than its painted span and cut by the
+    scan's end continues beyond it: its centre is a bound."""
+    assert centre_bounds(3, 9, 20, 10.0) == (6.0, 6.0)          # ends inside the scan
+    assert centre_bounds(0, 9, 20, 10.0) == (-np.inf, 4.5)      # cut at the start: may reach lower
+    assert centre_bounds(3, 19, 20, 20.0) == (11.0, np.inf)
+    assert centre_bounds(0, 4, 5, 8.0) == (-np.inf, np.inf)     # fills a slab shorter than the organ
+    # seen over its painted span (or a false extension running to the scan's end): its centre
+    assert centre_bounds(0, 12, 20, 10.0) == (6.0, 6.0)
+    assert centre_bounds(0, 4, 5) == (2.0, 2.0)                 # span unknown
+    # the template: 8 slices above the anchor; anchor and component both fill a 5-slice slab
+    assert axial_distance(centre_bounds(0, 4, 5, 8.0), [(centre_bounds(0, 4, 5, 8.0), 8.0, 4.0)]) == 0.0
+    # seen whole, 2 slices above an anchor that ends inside: 6 slices short of the template
+    assert axial_distance(12.0, [(10.0, 8.0, 3.0)]) == 2.0
+    # ...the same anchor cut by the scan's start may lie lower: no shortfall
+    assert axial_distance(12.0, [((-np.inf, 10.0), 8.0, 3.0)]) == 0.0
+    # ...but a component cut by the scan's start may lie lower still, never higher
+    assert axial_distance((-np.inf, 12.0), [(10.0, 8.0, 3.0)]) == 2.0
+    mask = np.zeros((5, 30, 30), bool)
+    mask[:, 5:15, 5:15] = True
+    confidence = np.where(mask, 230, 0).astype(np.uint8)
+    anchors = [(centre_bounds(0, 4, 5, 8.0), 8.0, 1.0)]
+    kept, evidence = choose_components(mask, confidence, 1, 20, anchors=anchors, painted_span=8.0)
+    assert kept.any() and evidence[0]["axial_distance"] == 0.0
+    # an anchor seen whole at the slab's centre: the component, cut by both ends, may lie 8 above
+    kept, _ = choose_components(mask, confidence, 1, 20, anchors=[(2.0, 8.0, 1.0)], painted_span=8.0)
+    assert kept.any()
+    kept, _ = choose_components(mask, confidence, 1, 20, anchors=[(2.0, 8.0, 1.0)])   # span unknown: 8 away
+    assert not kept.any()
