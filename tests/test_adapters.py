@@ -204,6 +204,46 @@ def test_ensemble_averages_its_members_and_survives_a_saved_file(synthetic, tmp_
     assert again.members[2].n_labels == 0                            # never trained
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ensemble_members_trained_side_by_side_are_those_trained_alone(synthetic, bf16):
+    """EnsembleAdapter.fit trains its members in threads, one torch thread each: every member's
+    weights and references are bit for bit those of the same adapter trained alone, and a member
+    that fails stops the others, which then are not trained at all or raise at their next report."""
+    from FewShotSegmentLib.adapters import EnsembleAdapter
+    from FewShotSegmentLib.errors import Cancelled
+
+    vf, truth = synthetic
+    template = np.zeros_like(truth)
+    template[1] = truth[1]
+    draws = [sample_training_pixels(vf, template, [1], 300, rng=np.random.default_rng(i)) for i in range(3)]
+
+    def make(seed):
+        return create_adapter("contrastive", seed=seed, steps=60)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)            # two members at once, whatever the machine
+    try:
+        alone = [make(seed) for seed in range(3)]
+        for adapter, draw in zip(alone, draws):
+            adapter.fit(draw, bf16=bf16)
+        ensemble = EnsembleAdapter.of(make, 3, seed=0).fit(draws, bf16=bf16)
+        assert torch.get_num_threads() == 2                          # restored
+        for mine, theirs in zip(ensemble.members, alone):
+            a, b = mine.state(), theirs.state()
+            assert all(torch.equal(a["net"][k], b["net"][k]) for k in a["net"])
+            assert torch.equal(a["references"], b["references"])
+
+        for failing in (0, 1):      # the failure is what is raised, not the others' Cancelled
+            broken = EnsembleAdapter.of(make, 3, seed=0)
+            broken.members[failing].fit = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("failed"))
+            with pytest.raises(RuntimeError, match="failed"):
+                broken.fit(draws)
+            assert broken.members[2].n_labels == 0                   # never started
+            assert broken.members[1 - failing].steps_run < 60        # stopped at a report
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_auto_ensemble_is_three_adapters_only_for_other_volumes():
     from FewShotSegmentLib.config import PipelineConfig, resolve_ensemble
     from FewShotSegmentLib.errors import InputError

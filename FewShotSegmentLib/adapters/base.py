@@ -2,6 +2,7 @@
 standardization, and the slice-scoring interface used by propagation."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,10 @@ from ..features import VolumeFeatures
 # (1.4 GB of it free but not returned); per chunk, the temporaries are a few MB.
 SCORE_CHUNK = 4096
 MIN_CHUNK = 256
+
+# torch's default generator, which initializes a network's weights, is one per process: adapters
+# trained side by side in threads (EnsembleAdapter.fit) seed it and build under this lock
+_SEEDED_BUILD = threading.Lock()
 
 
 @dataclass
@@ -132,6 +137,13 @@ class Adapter:
         slice moves the optimum a little, so training from there stops on its plateau sooner."""
         if previous is not None and previous.kind == self.kind and getattr(previous, "net", None) is not None:
             self._warm = previous.state()
+
+    def _build_seeded(self) -> None:
+        """_build() with initial weights drawn from ``self.seed`` alone, whatever other threads do
+        with torch's default generator meanwhile (its state is restored afterwards)."""
+        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self._build()
 
     def _apply_warm_start(self) -> bool:
         """After _build(): load the warm-start weights if they fit; True if they did."""

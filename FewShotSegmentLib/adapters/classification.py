@@ -20,13 +20,12 @@ class ClassificationAdapter(Adapter):
         self.net = mlp([self.in_dim, h, h // 2, self.n_labels + 1])
 
     def _fit(self, pixels: TrainingPixels, progress=None):
-        torch.manual_seed(self.seed)
         generator = torch.Generator().manual_seed(self.seed)
         self.n_labels, self.in_dim = pixels.n_labels, pixels.features.shape[1]
         self._fit_standardization(pixels.features)
         x = self._standardize(pixels.features)
         y = pixels.labels
-        self._build()
+        self._build_seeded()
         self._apply_warm_start()
         counts = torch.bincount(y, minlength=self.n_labels + 1).float().clamp_min(1)
         loss_fn = torch.nn.CrossEntropyLoss(weight=counts.sum() / counts / len(counts))

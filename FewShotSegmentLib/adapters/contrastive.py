@@ -101,13 +101,12 @@ class ContrastiveAdapter(Adapter):
         self.net = SiamesePairNet(self.in_dim, self.options["hidden"], self.options["embed"])
 
     def _fit(self, pixels: TrainingPixels, progress=None):
-        torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         self.n_labels, self.in_dim = pixels.n_labels, pixels.features.shape[1]
         self._fit_standardization(pixels.features)
         x = self._standardize(pixels.features)
         y = pixels.labels
-        self._build()
+        self._build_seeded()
         warm = self._apply_warm_start()
         members = [torch.nonzero(y == k).flatten() for k in range(self.n_labels + 1)]
         outsiders = [torch.nonzero(y != k).flatten() for k in range(self.n_labels + 1)]
