@@ -108,8 +108,12 @@ def _background_like(features: VolumeFeatures, index: int, zone: np.ndarray, bac
     centre = torch.stack([background_mean, *stroke_means.values()]).mean(0)
     candidates = torch.nn.functional.normalize(features.sample(index, rows, cols) - centre, dim=1)
     to_background = candidates @ torch.nn.functional.normalize(background_mean - centre, dim=0)
-    own = torch.stack([torch.nn.functional.normalize(stroke_means[k] - centre, dim=0)
-                       for k in nearest[rows, cols].tolist()])
+    # each stroke's direction once, then gathered for the pixels (not one per pixel: thousands a slice)
+    labels = sorted(stroke_means)
+    directions = torch.stack([torch.nn.functional.normalize(stroke_means[k] - centre, dim=0) for k in labels])
+    row_of = np.zeros(max(labels) + 1, np.int64)
+    row_of[labels] = np.arange(len(labels))
+    own = directions[torch.from_numpy(row_of[nearest[rows, cols]])]
     to_stroke = (candidates * own).sum(1)
     keep = (to_background > to_stroke).numpy()
     result[rows[keep], cols[keep]] = True
