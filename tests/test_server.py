@@ -151,6 +151,27 @@ def test_cancel_during_training_returns_within_2_s_and_the_server_goes_on(server
     assert done["event"] == "done" and done["reused"]["features"]
 
 
+def test_cancel_while_an_ensembles_adapters_train_side_by_side(server, volume, tmp_path):
+    """An ensemble of 3 trains two adapters at once on 2 cores (EnsembleAdapter.fit): a cancel
+    reaches both running members and the waiting one, as fast as with one adapter."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("members train side by side only with two torch threads")
+    server.send(command="run", id="ensemble",
+                job=run_job(tmp_path / "ensemble", volume, steps=20000, plateau_steps=0, ensemble=3))
+    running = set()
+    while running != {"adapter 1/3", "adapter 2/3"}:        # both report before either could finish
+        event = server.next(timeout=120)
+        assert event["event"] not in ("done", "error", "cancelled"), event
+        if event.get("stage") == "train":
+            running.add(event["message"].split(":")[0])
+    started = time.monotonic()
+    server.send(command="cancel", id="ensemble")
+    rest = server.until_final("ensemble", timeout=30)
+    assert rest[-1]["event"] == "cancelled"
+    assert time.monotonic() - started < 2.0
+    assert not (tmp_path / "ensemble").exists() or not any((tmp_path / "ensemble").iterdir())
+
+
 def test_a_bad_or_crashing_job_is_an_error_and_the_server_survives(server, volume, tmp_path):
     server.send(command="run", id="bad", job={"task": "run", "image": str(volume[0])})
     error = server.until_final("bad")[-1]
