@@ -443,9 +443,14 @@ def train_many(examples: list[tuple[PreparedVolume, sitk.Image, dict | None]], c
                 span[k] = float(on.max() - on.min()) * spacing
         centres.append(centre)
         spans.append(span)
+    # each draw is dropped once balanced: all draws of 4 volumes for 3 members are ~3 GB
     pixels = balance_pixels(per_volume, rng)
+    per_volume = None
     if member_rngs:
-        pixels = [pixels, *(balance_pixels(draws, r) for draws, r in zip(member_volumes, member_rngs))]
+        pixels = [pixels]
+        for i, draw_rng in enumerate(member_rngs):
+            pixels.append(balance_pixels(member_volumes[i], draw_rng))
+            member_volumes[i] = None
     values, meta = matched[0]
     options = {"basic": dict(threshold=config.threshold, center_features=config.center_features),
                "classification": dict(epochs=config.epochs),
@@ -508,7 +513,7 @@ def balance_pixels(per_volume: list[TrainingPixels], rng) -> TrainingPixels:
     (and the background's) pixels: the smallest volume's count."""
     if len(per_volume) == 1:
         return per_volume[0]
-    feats, labels = [], []
+    picks = []      # (volume's pixels, the rows taken), in the order they are stacked
     classes = sorted(set().union(*(set(p.labels.unique().tolist()) for p in per_volume)))
     for k in classes:
         pools = [torch.nonzero(p.labels == k).flatten() for p in per_volume]
@@ -516,10 +521,18 @@ def balance_pixels(per_volume: list[TrainingPixels], rng) -> TrainingPixels:
         for p, pool in zip(per_volume, pools):
             if len(pool) == 0:
                 continue
-            pick = pool[torch.from_numpy(rng.choice(len(pool), size=n, replace=False))]
-            feats.append(p.features[pick])
-            labels.append(p.labels[pick])
-    return TrainingPixels(torch.cat(feats), torch.cat(labels))
+            picks.append((p, pool[torch.from_numpy(rng.choice(len(pool), size=n, replace=False))]))
+    # gathered straight into one tensor: no pieces beside it (several volumes' pixels are GBs)
+    total = sum(len(rows) for _, rows in picks)
+    first = per_volume[0]
+    feats = torch.empty((total, first.features.shape[1]), dtype=first.features.dtype)
+    labels = torch.empty(total, dtype=first.labels.dtype)
+    start = 0
+    for p, rows in picks:
+        torch.index_select(p.features, 0, rows, out=feats[start:start + len(rows)])
+        labels[start:start + len(rows)] = p.labels[rows]
+        start += len(rows)
+    return TrainingPixels(feats, labels)
 
 
 def _to_index(stack: np.ndarray, values: list[int]) -> np.ndarray:

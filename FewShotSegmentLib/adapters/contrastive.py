@@ -104,7 +104,11 @@ class ContrastiveAdapter(Adapter):
         gen = torch.Generator().manual_seed(self.seed)
         self.n_labels, self.in_dim = pixels.n_labels, pixels.features.shape[1]
         self._fit_standardization(pixels.features)
-        x = self._standardize(pixels.features)
+        # pixels are standardized as they are drawn: a standardized copy of all of them is as large
+        # as the training pixels (hundreds of MB from several volumes), one per member training at once
+        def x(index):
+            return self._standardize(pixels.features[index])
+
         y = pixels.labels
         self._build_seeded()
         warm = self._apply_warm_start()
@@ -143,7 +147,7 @@ class ContrastiveAdapter(Adapter):
             other = torch.where(positive, pick(member_table, member_sizes, ks),
                                 pick(outsider_table, outsider_sizes, ks))
             opt.zero_grad()
-            loss = loss_fn(self.net(x[ref], x[other]), positive.long())
+            loss = loss_fn(self.net(x(ref), x(other)), positive.long())
             loss.backward()
             opt.step()
             self.steps_run = step + 1
@@ -153,9 +157,9 @@ class ContrastiveAdapter(Adapter):
                 progress((step + 1) / steps, f"step {step + 1}/{steps} loss {loss.item():.3f}")
         self.net.eval()
         m = self.options["n_references"]
-        self.references = torch.stack([x[members[k][torch.randperm(len(members[k]), generator=gen)[:m]]]
+        self.references = torch.stack([x(members[k][torch.randperm(len(members[k]), generator=gen)[:m]])
                                        if len(members[k]) >= m else
-                                       x[members[k][torch.randint(len(members[k]), (m,), generator=gen)]]
+                                       x(members[k][torch.randint(len(members[k]), (m,), generator=gen)])
                                        for k in range(1, self.n_labels + 1)])
 
     def supported_by(self, target, fraction):
