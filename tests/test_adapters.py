@@ -210,7 +210,6 @@ def test_ensemble_members_trained_side_by_side_are_those_trained_alone(synthetic
     weights and references are bit for bit those of the same adapter trained alone, and a member
     that fails stops the others, which then are not trained at all or raise at their next report."""
     from FewShotSegmentLib.adapters import EnsembleAdapter
-    from FewShotSegmentLib.errors import Cancelled
 
     vf, truth = synthetic
     template = np.zeros_like(truth)

@@ -95,7 +95,7 @@ class EnsembleAdapter(Adapter):
                 for future in futures:
                     future.cancel()
                 raise
-        errors = [future.exception() for future in futures if future.exception() is not None]
+        errors = [error for error in (future.exception() for future in futures) if error is not None]
         if errors:      # the error that stopped the others, not their Cancelled
             raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
         return self
