@@ -62,9 +62,11 @@ class EmbeddingsOnDemand:
         if self.make is None:
             return self.features.slice_grid(index)[0]
         # the grid only on a miss: off the lattice it is an interpolation, not a view
-        if self._last is None or self._last[:2] != (index, self.features.version):
-            self._last = (index, self.features.version, self.make(self.features.slice_grid(index))[0])
-        return self._last[2]
+        # (read once: slice workers of a refinement ask from several threads)
+        last = self._last
+        if last is None or last[:2] != (index, self.features.version):
+            last = self._last = (index, self.features.version, self.make(self.features.slice_grid(index))[0])
+        return last[2]
 
 
 class SliceEncoder:
@@ -255,9 +257,10 @@ class VolumeFeatures:
     def _float_slice(self, index: int) -> torch.Tensor:
         """(1, C, h, w) float32 grid of one slice; the last one is kept, as scoring samples a
         slice in several chunks."""
-        if self._last_float is None or self._last_float[:2] != (index, self.version):
-            self._last_float = (index, self.version, self.slice_grid(index).float())
-        return self._last_float[2]
+        last = self._last_float        # read once: other threads may replace it
+        if last is None or last[:2] != (index, self.version):
+            last = self._last_float = (index, self.version, self.slice_grid(index).float())
+        return last[2]
 
     def sample(self, index: int, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         """Pixel features (n, C) float32 of slice ``index`` at pixel coordinates rows/cols."""

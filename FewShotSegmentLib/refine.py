@@ -9,6 +9,7 @@ SAM and the same prompts are used.
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Callable
 
 import numpy as np
@@ -20,7 +21,7 @@ from .acceleration import resolve_precision
 from .mask_decoder import LOW_RES_PER_TOKEN, first_mask_logits
 from .backbones import load_litemedsam, load_state_dict
 from .postprocess import values_present
-from .runtime import small_ops
+from .runtime import map_on_idle_cores, small_ops
 from .errors import Cancelled, CheckpointError, InputError
 
 MIN_COMPONENT_PIXELS = 5
@@ -174,12 +175,14 @@ class DecodedBoxes:
     features (``features.decoded_boxes``): the logits depend only on the slice's embedding and
     the box, so a re-propagation whose clean-up gives a slice the same box as before reuses them
     instead of running the decoder again. Each answer is stored cropped to its box (outside it
-    the logits are -inf anyway); the oldest go first beyond ``max_bytes``."""
+    the logits are -inf anyway); the oldest go first beyond ``max_bytes``. Slice workers of one
+    refinement share it (a lock)."""
 
     def __init__(self, max_bytes: int = 256 << 20):
         self.max_bytes, self.bytes = max_bytes, 0
         self.entries: dict[tuple, np.ndarray] = {}
         self.hits = self.misses = 0
+        self._lock = threading.Lock()
 
     @classmethod
     def of(cls, features) -> "DecodedBoxes":
@@ -194,18 +197,22 @@ class DecodedBoxes:
 
     def get(self, key) -> np.ndarray | None:
         """The logits on the key's box, or None."""
-        crop = self.entries.get(key)
-        if crop is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        return crop
+        with self._lock:
+            crop = self.entries.get(key)
+            if crop is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            return crop
 
     def put(self, key, crop: np.ndarray) -> None:
-        self.entries[key] = crop
-        self.bytes += crop.nbytes
-        while self.bytes > self.max_bytes and self.entries:
-            self.bytes -= self.entries.pop(next(iter(self.entries))).nbytes
+        with self._lock:
+            if key in self.entries:       # another slice worker answered it too
+                self.bytes -= self.entries[key].nbytes
+            self.entries[key] = crop
+            self.bytes += crop.nbytes
+            while self.bytes > self.max_bytes and self.entries:
+                self.bytes -= self.entries.pop(next(iter(self.entries))).nbytes
 
 
 def _slice_logits(refiner, features, slices01, index, shape, prompts) -> list[tuple[tuple, np.ndarray]]:
@@ -299,14 +306,34 @@ def refine_label_slices(labels: np.ndarray, features, slices01: np.ndarray, stra
     skip = set(skip_slices)
     fixed = np.array(sorted(present - refine_values), dtype=labels.dtype)
     busy = [i for i in range(len(labels)) if i not in skip and np.isin(labels[i], list(refine_values)).any()]
-    for count, index in enumerate(busy):
+
+    def refined(index):
+        return _refine_slice(labels[index], refiner, features, slices01, index, strategy, n_points, rng,
+                             refine_values, fixed)
+
+    finished = 0
+
+    def store(index, plane):
+        nonlocal finished
+        out[index] = plane
+        finished += 1
+        if progress:
+            progress(finished / len(busy), f"refined slice {finished}/{len(busy)}")
         if cancel and cancel():
             raise Cancelled("cancelled during refinement")
-        with small_ops():
-            out[index] = _refine_slice(labels[index], refiner, features, slices01, index, strategy, n_points,
-                                       rng, refine_values, fixed)
-        if progress:
-            progress((count + 1) / len(busy), f"refined slice {count + 1}/{len(busy)}")
+
+    if cancel and cancel():
+        raise Cancelled("cancelled during refinement")
+    if strategy == "box" and isinstance(refiner, LiteMedSAMRefiner):
+        # slices independent of each other: on idle cores several at once, one thread each
+        if hasattr(features, "ensure"):
+            features.ensure(busy)       # encoded here, not inside a slice worker (a no-op after scoring)
+        map_on_idle_cores(refined, busy, store)
+    else:
+        # points are drawn from one generator in slice order, and SAMRefiner holds one slice
+        for index in busy:
+            with small_ops():
+                store(index, refined(index))
     return out
 
 

@@ -15,6 +15,8 @@ threads made them 1.4-2.1x faster, but beside another busy process their synchro
 training 30x slower (300 steps: 7 s on one thread, 227 s on two beside an encoder). So those
 stages use all threads only when that many cores are idle at the moment (``small_ops``);
 adapter training stays on one thread so that its result does not depend on the machine's load.
+Work made of independent slices (refinement) runs those threads as slice workers instead, one
+torch thread each (``map_on_idle_cores``): no synchronization inside an op.
 """
 from __future__ import annotations
 
@@ -24,7 +26,10 @@ import functools
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 # after the encoder: blocks over 32 MB (whole-volume masks and label arrays) are mapped and given
@@ -183,3 +188,37 @@ def small_ops():
 def one_thread():
     """Run the enclosed ops on one thread (adapter training: reproducible, see Adapter.fit)."""
     return torch_threads(1)
+
+
+
+def map_on_idle_cores(fn: Callable, items: Iterable, done: Callable | None = None) -> None:
+    """Call ``fn(item)`` for each item, each call on one torch thread, and ``done(item, result)``
+    in this thread, in the items' order. On idle cores (small_op_threads() > 1) that many calls
+    run at once in threads (torch releases the GIL in its ops). For per-slice work whose result
+    does not depend on the order of the calls: on 2 idle cores, 30 slices of a 512x512 CT refined
+    by SAM took 1.9-2.1 s this way against 2.5-3.0 s one after another on two threads each.
+
+    Only a few calls run ahead of the one ``done`` sees, so an error (a cancel inside ``fn`` or
+    ``done``) waits for those alone, and is raised here."""
+    items = list(items)
+    done = done or (lambda item, result: None)
+    workers = min(small_op_threads(), len(items))
+    with torch_threads(1):
+        if workers <= 1:
+            for item in items:
+                done(item, fn(item))
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="slice-worker") as pool:
+            pending = deque()
+            try:
+                for item in items:
+                    pending.append((item, pool.submit(fn, item)))
+                    if len(pending) > workers:
+                        first, future = pending.popleft()
+                        done(first, future.result())
+                while pending:
+                    first, future = pending.popleft()
+                    done(first, future.result())
+            finally:
+                for _, future in pending:
+                    future.cancel()

@@ -277,3 +277,42 @@ def test_bf16_box_decoding_draws_the_masks_of_fp32(ct_slices):
     assert bf16.shape == fp32.shape == (2, h, w) and bf16.dtype == np.float32
     for got, expected in zip(bf16 > 0, fp32 > 0):
         assert expected.sum() > 100 and dice(got, expected) > 0.97
+
+
+def test_map_on_idle_cores_keeps_order_and_stops_at_an_error(monkeypatch):
+    import threading
+
+    previous = torch.get_num_threads()
+    monkeypatch.setenv("FEWSHOT_SMALL_OP_THREADS", "2")
+    seen, threads, calls = [], set(), []
+
+    def square(x):
+        threads.add(threading.get_ident())
+        calls.append(x)
+        assert torch.get_num_threads() == 1          # one torch thread per call
+        return x * x
+
+    runtime.map_on_idle_cores(square, range(20), lambda item, result: seen.append((item, result)))
+    assert seen == [(x, x * x) for x in range(20)]
+    assert len(threads) == 2 and threading.get_ident() not in threads
+    assert torch.get_num_threads() == previous
+
+    def stop_at_3(item, result):                     # a cancel seen in the calling thread
+        if item == 3:
+            raise RuntimeError("stop")
+    calls.clear()
+    with pytest.raises(RuntimeError, match="stop"):
+        runtime.map_on_idle_cores(square, range(100), stop_at_3)
+    assert len(calls) <= 3 + 3                       # the few calls ahead of it, not the other 94
+    assert torch.get_num_threads() == previous
+
+    def fails_at_5(x):
+        if x == 5:
+            raise ValueError("bad slice 5")
+        return x
+    with pytest.raises(ValueError, match="bad slice 5"):
+        runtime.map_on_idle_cores(fails_at_5, range(50))
+    monkeypatch.setenv("FEWSHOT_SMALL_OP_THREADS", "1")      # busy cores: one after another, here
+    threads.clear()
+    runtime.map_on_idle_cores(square, range(4))
+    assert threads == {threading.get_ident()}

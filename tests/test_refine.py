@@ -7,6 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from FewShotSegmentLib import io, pipeline, refine
+from FewShotSegmentLib.errors import Cancelled
 from FewShotSegmentLib.backbones import build_backbone
 from FewShotSegmentLib.features import encode_volume, slices_along
 from FewShotSegmentLib.preprocessing import normalize_volume
@@ -58,3 +59,26 @@ def test_box_refinement_is_the_whole_slice_definition_and_reuses_decoded_boxes(s
     again = refine.refine_label_slices(index, features, slices01)
     assert cache.misses == misses and cache.hits >= misses      # every box answered from memory
     assert np.array_equal(again, refined)
+
+
+def test_slice_workers_refine_as_one_after_another_and_cancel(slices_and_labels, monkeypatch):
+    slices01, index, features = slices_and_labels
+    previous = features.decoded_boxes if hasattr(features, "decoded_boxes") else None
+    try:
+        features.decoded_boxes = None                  # every box decoded again, not remembered
+        monkeypatch.setenv("FEWSHOT_SMALL_OP_THREADS", "1")
+        alone = refine.refine_label_slices(index, features, slices01)
+        features.decoded_boxes = None
+        monkeypatch.setenv("FEWSHOT_SMALL_OP_THREADS", "2")
+        reported = []
+        together = refine.refine_label_slices(index, features, slices01, progress=lambda f, m: reported.append(f))
+        assert np.array_equal(together, alone)
+        assert reported == [pytest.approx((i + 1) / len(index)) for i in range(len(index))]
+        features.decoded_boxes = None
+        asked = []
+        with pytest.raises(Cancelled):
+            refine.refine_label_slices(index, features, slices01, progress=lambda f, m: asked.append(f),
+                                       cancel=lambda: len(asked) >= 2)
+        assert len(asked) == 2
+    finally:
+        features.decoded_boxes = previous
