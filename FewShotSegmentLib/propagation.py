@@ -6,6 +6,8 @@ probable class. On a painted volume whose labels are all known organs, the clean
 components that touch the painting, so only the slices such a component can reach are scored
 (score_volume's ``reach_from``): sweeping out from the painted slices, scoring stops where no pixel
 of any label connects to the painting any more (segment scores the slices the next-slice suggestions read later).
+On idle cores the raw scores of the slices next in line are computed side by side, one torch
+thread each (SliceDecisions.prefetch); the decisions are the same whatever the order.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .acceleration import resolve_precision
 from .errors import Cancelled
 from .guidance import uncertainty_from_margin
 from .location import PATIENT_VARIATION, slice_to_volume
-from .runtime import small_ops
+from .runtime import map_on_idle_cores, small_ops
 
 if TYPE_CHECKING:   # pipeline imports this module
     from .pipeline import PreparedVolume, TrainedModel
@@ -147,18 +149,45 @@ class SliceDecisions:
         self._raw: dict[int, torch.Tensor] = {}
 
     def _raw_scores(self, i: int) -> torch.Tensor:
-        if i not in self._raw:
-            if self.cancel and self.cancel():
-                raise Cancelled("cancelled while propagating")
+        scores = self._raw.get(i)
+        if scores is None:
             # a slice not encoded yet is encoded now, at the encoder's own threads and precision
             self.features.ensure([i])
             # small ops: more threads only on idle cores (runtime.small_ops)
-            with small_ops(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-                scores = (adaptive_scores(self.adapter, self.features, i, self.stride)
-                          if self.config.adaptive_scoring
-                          else self.adapter.score_slice(self.features, i, self.stride)).float()
-            self._raw[i] = scores if self.prior is None else self.prior.apply(scores, i)
-        return self._raw[i]
+            with small_ops():
+                scores = self._raw[i] = self._compute_raw(i)
+        return scores
+
+    def _compute_raw(self, i: int) -> torch.Tensor:
+        """Slice i's scores on the stride grid (its features encoded already); safe to call from
+        several threads at once."""
+        if self.cancel and self.cancel():
+            raise Cancelled("cancelled while propagating")
+        # autocast is per thread: entered here, in the thread that scores
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            scores = (adaptive_scores(self.adapter, self.features, i, self.stride)
+                      if self.config.adaptive_scoring
+                      else self.adapter.score_slice(self.features, i, self.stride)).float()
+        return scores if self.prior is None else self.prior.apply(scores, i)
+
+    def prefetch(self, slices, ahead=()) -> None:
+        """The raw scores of these slices computed now, side by side on idle cores (one torch
+        thread each: 1.1-1.4x faster than two threads on each slice in turn, on 2 cores), for the
+        decisions that follow; those of the slices ``ahead`` too where they need no encoding.
+        Slices out of range or held already are skipped; the others are encoded here first if
+        they are not yet, one after another as decide would, with the encoder's own threads."""
+        r, scored = self.radius, self.out.scored
+
+        def wanted(i):      # in range, not held, and read by a slice still undecided
+            return 0 <= i < self.n and i not in self._raw and not scored[max(0, i - r):i + r + 1].all()
+
+        todo = [i for i in dict.fromkeys(int(i) for i in slices) if wanted(i)]
+        for i in todo:
+            self.features.ensure([i])
+        encoded = self.features.encoded
+        todo += [i for i in ahead if wanted(i) and i not in todo and encoded[self.features.sources([i])].all()]
+        if len(todo) > 1:
+            map_on_idle_cores(self._compute_raw, todo, self._raw.__setitem__)
 
     def decide(self, j: int) -> None:
         """Slice j's decision from its own and its neighbours' scores (no-op when decided)."""
@@ -198,8 +227,7 @@ def score_volume(model: "TrainedModel", prepared: "PreparedVolume", progress: Pr
     (VolumeScores.covers; score_all decides the rest)."""
     slices = SliceDecisions(model, prepared, use_prior, progress, cancel)
     if reach_from is None:
-        for j in range(slices.n):
-            slices.decide(j)
+        decide_in_chunks(slices, 0, slices.n)
     else:
         reachable_slices(slices, reach_from)
     progress(1.0, "propagate", f"{int(slices.out.scored.sum())} of {slices.n} slices scored")
@@ -218,14 +246,33 @@ def reachable_slices(slices: SliceDecisions, seeds: np.ndarray) -> None:
     if len(painted) == 0:
         raise ValueError("reach_from has no painted slice")
     lo, hi = int(painted[0]), int(painted[-1])
-    for j in range(lo, hi + 1):
-        slices.decide(j)
-    for start, step in ((hi, 1), (lo, -1)):
-        reach, j = seeds[start], start
-        while reach.any() and 0 <= j + step < slices.n:
-            j += step
+    decide_in_chunks(slices, lo, hi + 1)
+    # both sweeps in step, so that their next slices are scored side by side; a sweep left alone
+    # scores one slice ahead, where that needs no encoding (decisions do not depend on the order)
+    sweeps = [[hi, 1, seeds[hi]], [lo, -1, seeds[lo]]]      # last decided slice, step, its reach
+    while True:
+        live = [s for s in sweeps if s[2].any() and 0 <= s[0] + s[1] < slices.n]
+        if not live:
+            break
+        needed = [j + step * (1 + slices.radius) for j, step, _ in live]
+        slices.prefetch(needed, ahead=[needed[0] + live[0][1]] if len(live) == 1 else ())
+        for sweep in live:
+            sweep[0] += sweep[1]
+            slices.decide(sweep[0])
+            sweep[2] = _connected_next(slices.out.index[sweep[0]], sweep[2])
+
+
+PREFETCH_CHUNK = 8      # slices whose raw scores are computed together (prefetch), and held at once
+
+
+def decide_in_chunks(slices: SliceDecisions, start: int, stop: int) -> None:
+    """Decide slices start..stop-1, their raw scores computed a chunk at a time (prefetch)."""
+    r = slices.radius
+    for first in range(start, stop, PREFETCH_CHUNK):
+        last = min(stop, first + PREFETCH_CHUNK)
+        slices.prefetch(range(first - r, last + r))
+        for j in range(first, last):
             slices.decide(j)
-            reach = _connected_next(slices.out.index[j], reach)
 
 
 def _connected_next(labels: np.ndarray, reach: np.ndarray) -> np.ndarray:

@@ -228,3 +228,50 @@ def test_connected_next_keeps_exactly_the_components_touching_the_reach():
             expected[np.isin(components, hit[hit > 0])] = k
         assert np.array_equal(propagation._connected_next(labels, reach), expected)
     assert expected.any()
+
+
+def test_slices_scored_side_by_side_decide_as_one_after_another(monkeypatch):
+    """Raw scores computed ahead by slice workers (SliceDecisions.prefetch, one torch thread
+    each) give every decision bit for bit, on the whole volume and in the painting's sweeps."""
+    import threading
+
+    from FewShotSegmentLib.adapters.base import TrainingPixels
+    from FewShotSegmentLib.adapters.contrastive import ContrastiveAdapter
+
+    n, size = 14, 128
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.randn(n, 8, 64, 64, generator=gen)
+    grid[:, :, 20:44, 20:44] += 2.0                   # an "organ" across the middle slices
+    grid[:3] -= 2.0 * (grid[:3] > 1)
+    encoded = Encoded(features=grid.half(), scale=256 / size, frame=(256, 256))
+    image = sitk.Image(size, size, n, sitk.sitkFloat32)
+    prepared = pipeline.PreparedVolume(image, np.zeros((n, size, size), np.float32),
+                                       VolumeFeatures(encoded, (size, size)), "axial", 0.0)
+    inside = torch.zeros(64, 64, dtype=torch.long)
+    inside[22:42, 22:42] = 1
+    pixels = TrainingPixels(grid[7].flatten(1).T.float(), inside.flatten())
+    adapter = ContrastiveAdapter(steps=40, batch=256, hidden=32, embed=16)
+    adapter.fit(pixels)
+    trained = model(adapter, smooth_across_mm=1.5)
+    seeds = np.zeros((n, size, size), np.uint8)
+    seeds[7, 50:80, 50:80] = 1
+    scorers = set()
+    score = adapter._score
+
+    def recording(*args):
+        scorers.add(threading.get_ident())
+        return score(*args)
+    monkeypatch.setattr(adapter, "_score", recording)
+    results = {}
+    for workers in ("1", "2"):
+        monkeypatch.setenv("FEWSHOT_SMALL_OP_THREADS", workers)
+        for reach in (None, seeds):
+            scores = propagation.score_volume(trained, prepared, reach_from=reach)
+            results[workers, reach is None] = scores
+    assert len(scorers - {threading.get_ident()}) == 2      # two slice workers did score
+    for whole in (True, False):
+        one, two = results["1", whole], results["2", whole]
+        np.testing.assert_array_equal(one.scored, two.scored)
+        for name in ("index", "runner_up", "uncertainty", "confidence"):
+            np.testing.assert_array_equal(getattr(one, name), getattr(two, name))
+    assert results["1", True].index[5:10].any()              # not a blank answer
