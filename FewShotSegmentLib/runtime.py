@@ -80,6 +80,16 @@ def keep_freed_memory() -> bool:
     return _mallopt(WHILE_ENCODING)
 
 
+def trim_free_memory() -> None:
+    """Give back the free memory of every malloc arena now, unless the encoder's memory is being
+    kept (encoder_memory). Threads allocate from arenas of their own, which glibc shrinks only
+    when a whole heap is free: after slice workers had refined a 512x512x300 CT the process
+    held 3.6 GB at its peak instead of 3.3 (one slice at a time); trimmed after them, 3.2."""
+    libc = _libc()
+    if libc is not None and _memory_depth[0] == 0:
+        libc.malloc_trim(0)
+
+
 def release_freed_memory() -> bool:
     """Back to giving memory back: large blocks mapped (and unmapped on free), the heap trimmed,
     and what the encoder left free returned to the system now. True if it was done."""
@@ -222,3 +232,4 @@ def map_on_idle_cores(fn: Callable, items: Iterable, done: Callable | None = Non
             finally:
                 for _, future in pending:
                     future.cancel()
+        trim_free_memory()          # what the workers' arenas hold
