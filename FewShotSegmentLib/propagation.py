@@ -309,6 +309,7 @@ class LocationPrior:
         h, w = prepared.features.slice_shape
         self.rows, self.cols = np.meshgrid(np.arange(0, h, stride), np.arange(0, w, stride), indexing="ij")
         self.prepared, self.weight = prepared, model.config.location_prior
+        prepared.body           # the body outline found here, once, not by two slice workers at once
         stats = np.array([model.locations[v] for v in model.label_values], np.float32)   # (K, 4)
         self.mean = torch.from_numpy(stats[:, :2])[:, :, None, None]
         self.spread = torch.from_numpy(np.hypot(stats[:, 2:4], PATIENT_VARIATION))[:, :, None, None]
