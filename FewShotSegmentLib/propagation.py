@@ -151,6 +151,7 @@ class SliceDecisions:
     def _raw_scores(self, i: int) -> torch.Tensor:
         scores = self._raw.get(i)
         if scores is None:
+            self._check_cancel()        # before encoding it too
             # a slice not encoded yet is encoded now, at the encoder's own threads and precision
             self.features.ensure([i])
             # small ops: more threads only on idle cores (runtime.small_ops)
@@ -161,14 +162,17 @@ class SliceDecisions:
     def _compute_raw(self, i: int) -> torch.Tensor:
         """Slice i's scores on the stride grid (its features encoded already); safe to call from
         several threads at once."""
-        if self.cancel and self.cancel():
-            raise Cancelled("cancelled while propagating")
+        self._check_cancel()
         # autocast is per thread: entered here, in the thread that scores
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             scores = (adaptive_scores(self.adapter, self.features, i, self.stride)
                       if self.config.adaptive_scoring
                       else self.adapter.score_slice(self.features, i, self.stride)).float()
         return scores if self.prior is None else self.prior.apply(scores, i)
+
+    def _check_cancel(self) -> None:
+        if self.cancel and self.cancel():
+            raise Cancelled("cancelled while propagating")
 
     def prefetch(self, slices, ahead=()) -> None:
         """The raw scores of these slices computed now, side by side on idle cores (one torch
@@ -183,6 +187,7 @@ class SliceDecisions:
 
         todo = [i for i in dict.fromkeys(int(i) for i in slices) if wanted(i)]
         for i in todo:
+            self._check_cancel()
             self.features.ensure([i])
         encoded = self.features.encoded
         todo += [i for i in ahead if wanted(i) and i not in todo and encoded[self.features.sources([i])].all()]

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 # after the encoder: blocks over 32 MB (whole-volume masks and label arrays) are mapped and given
@@ -198,7 +198,6 @@ def small_ops():
 def one_thread():
     """Run the enclosed ops on one thread (adapter training: reproducible, see Adapter.fit)."""
     return torch_threads(1)
-
 
 
 def map_on_idle_cores(fn: Callable, items: Iterable, done: Callable | None = None) -> None:

@@ -281,6 +281,7 @@ def test_bf16_box_decoding_draws_the_masks_of_fp32(ct_slices):
 
 def test_map_on_idle_cores_keeps_order_and_stops_at_an_error(monkeypatch):
     import threading
+    import time
 
     previous = torch.get_num_threads()
     monkeypatch.setenv("FEWSHOT_SMALL_OP_THREADS", "2")
@@ -289,6 +290,7 @@ def test_map_on_idle_cores_keeps_order_and_stops_at_an_error(monkeypatch):
     def square(x):
         threads.add(threading.get_ident())
         calls.append(x)
+        time.sleep(0.005)       # long enough that the next call starts before this one ends
         assert torch.get_num_threads() == 1          # one torch thread per call
         return x * x
 
