@@ -189,8 +189,9 @@ class SliceDecisions:
         for i in todo:
             self._check_cancel()
             self.features.ensure([i])
-        encoded = self.features.encoded
-        todo += [i for i in ahead if wanted(i) and i not in todo and encoded[self.features.sources([i])].all()]
+        if ahead:
+            encoded = self.features.encoded
+            todo += [i for i in ahead if wanted(i) and i not in todo and encoded[self.features.sources([i])].all()]
         if len(todo) > 1:
             map_on_idle_cores(self._compute_raw, todo, self._raw.__setitem__)
 

@@ -326,8 +326,7 @@ def refine_label_slices(labels: np.ndarray, features, slices01: np.ndarray, stra
         raise Cancelled("cancelled during refinement")
     if strategy == "box" and isinstance(refiner, LiteMedSAMRefiner):
         # slices independent of each other: on idle cores several at once, one thread each
-        if hasattr(features, "ensure"):
-            features.ensure(busy)       # encoded here, not inside a slice worker (a no-op after scoring)
+        features.ensure(busy)       # encoded here, not inside a slice worker (a no-op after scoring)
         map_on_idle_cores(refined, busy, store)
     else:
         # points are drawn from one generator in slice order, and SAMRefiner holds one slice
